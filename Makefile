@@ -1,0 +1,32 @@
+# One-command set-up: `make demo` runs the main job, `make test` runs ruff and the tests.
+# Both create .venv on first use. Everything is installed from pyproject.toml (torch is pinned there).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= demo_out
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: venv test test-slow lint demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+demo: $(STAMP)
+	$(VENV)/bin/twinview demo --out $(DEMO_OUT)
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Streamlit apps on ONNX-exported models (onnxruntime and numpy only; no torch)."""

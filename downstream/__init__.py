@@ -1,0 +1,1 @@
+"""Heads fine-tuned from a pretrained encoder: segmentation, re-identification, evaluation protocols."""

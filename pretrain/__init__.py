@@ -1,0 +1,1 @@
+"""Contrastive pretraining on unlabelled data: losses, heads, methods, encoders, domain views, trainer."""

@@ -1,0 +1,1 @@
+"""Readers for the standard data layouts, layout inspection and synthetic data generators."""
