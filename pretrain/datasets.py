@@ -1,0 +1,158 @@
+"""Unlabelled data sets for pretraining, built on the readers: each item is a pair of views.
+
+Every item's augmentation is seeded from ``(seed, epoch, index)``, so a run gives the same views
+whatever the number of loader workers or processes, and a resumed run repeats exactly the views
+that the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pretrain.config import DataConfig
+from twinview.data.errors import DataError
+
+Loader = Callable[[], np.ndarray]
+
+
+@dataclass
+class Samples:
+    """Loaders of the unlabelled samples, plus identity labels and cameras where the data has them."""
+
+    loaders: list[Loader]
+    names: list[str]
+    labels: list[int] | None = None
+    spatial_dims: int = 2
+
+
+def _image_loader(path: Path) -> Loader:
+    from twinview.data.images import load_image
+
+    return lambda: load_image(path)
+
+
+def _volume_samples(root: Path, slices: bool, axis: int) -> Samples:
+    """MSD images (training and test, labels ignored), as whole volumes or as their 2D slices."""
+    from twinview.data.msd import read_msd
+    from twinview.data.nifti import load_nifti
+
+    msd = read_msd(root)
+    loaders: list[Loader] = []
+    names: list[str] = []
+    for rec in [*msd.training, *msd.test]:
+        volume = np.asarray(load_nifti(rec.image)[0], dtype=np.float32)
+        if volume.ndim == 4:  # channels last in NIfTI: keep the first modality
+            volume = volume[..., 0]
+        if slices:
+            for i in range(volume.shape[axis]):
+                sl = np.ascontiguousarray(np.take(volume, i, axis=axis))
+                if sl.max() > sl.min():  # an all-constant slice has nothing to contrast
+                    loaders.append(lambda s=sl: s)
+                    names.append(f"{rec.case_id}[{axis}:{i}]")
+        else:
+            loaders.append(lambda v=volume: v)
+            names.append(rec.case_id)
+    return Samples(loaders, names, spatial_dims=2 if slices else 3)
+
+
+def resolve_kind(cfg: DataConfig) -> str:
+    """The data kind to read: ``cfg.kind`` or, for ``auto``, what ``detect_format`` finds."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    from twinview.data.inspect import detect_format
+
+    fmt = detect_format(Path(cfg.path))
+    mapping = {"market1501": "market1501", "msd": "msd_slices", "images": "images", "dsb2018": "dsb2018"}
+    if fmt not in mapping:
+        raise DataError(cfg.path, f"layout {fmt!r} cannot be used for pretraining; set data.kind")
+    return mapping[fmt]
+
+
+def load_samples(cfg: DataConfig) -> Samples:
+    """The unlabelled samples named by a data config."""
+    root = Path(cfg.path)
+    kind = resolve_kind(cfg)
+    if kind == "market1501":
+        from twinview.data.market1501 import read_market1501
+
+        train = read_market1501(root).train
+        return Samples([_image_loader(r.path) for r in train], [r.path.name for r in train],
+                       labels=[r.pid for r in train])
+    if kind in ("msd_slices", "msd_3d"):
+        return _volume_samples(root, slices=kind == "msd_slices", axis=cfg.slice_axis)
+    if kind == "dsb2018":
+        from twinview.data.dsb2018 import read_dsb2018
+
+        recs = read_dsb2018(root)
+        return Samples([_image_loader(r.image) for r in recs], [r.sample_id for r in recs])
+    from twinview.data.images import read_image_folder
+
+    recs = read_image_folder(root)
+    return Samples([_image_loader(r.path) for r in recs], [r.path.name for r in recs])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """One 63-bit seed per (run seed, epoch, item), independent of workers and ranks."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class TwoViewDataset(Dataset):
+    """Applies a two-view transform to each sample, with per-item seeding (see module docstring)."""
+
+    def __init__(self, samples: Samples, views: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+                 seed: int) -> None:
+        self.samples = samples
+        self.views = views
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples.loaders)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = sample_seed(self.seed, self.epoch, index)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+        if hasattr(self.views, "set_seed"):
+            self.views.set_seed(s % 2**32)
+        return self.views(self.samples.loaders[index]())
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded permutation per epoch, split across ranks, that can start part-way into an epoch.
+
+    Like ``DistributedSampler(drop_last=True)``: each rank gets ``len(dataset) // world`` indices.
+    ``start`` skips the first indices of this rank's share (for resuming mid-epoch).
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        per_rank = self.n // self.world
+        return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.start
+
+
+def collate_views(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])]

@@ -1,0 +1,49 @@
+"""The project's packaging files agree with each other and the CLI is installed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import tomllib
+import yaml
+
+from conftest import REPO
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def _pyproject_requirements() -> dict[str, str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + project["optional-dependencies"]["test"]
+    return {_name(r): r.replace(" ", "") for r in reqs}
+
+
+def _environment_requirements() -> dict[str, str]:
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip_lists) == 1, "environment.yml must have exactly one pip: section"
+    return {_name(r): r.replace(" ", "") for r in pip_lists[0] if not r.startswith("-e")}
+
+
+def test_environment_yml_matches_pyproject() -> None:
+    assert _environment_requirements() == _pyproject_requirements()
+
+
+def test_torch_pinned_exactly_once() -> None:
+    reqs = _pyproject_requirements()
+    assert reqs["torch"] == "torch==2.14.1"
+    assert reqs["torchvision"] == "torchvision==0.29.1"
+    pins = [p for p in REPO.glob("**/*") if p.is_file() and p.suffix in {".toml", ".txt", ".cfg"}
+            and ".venv" not in p.parts and "torch==" in p.read_text(errors="ignore")]
+    assert [p.name for p in pins] == ["pyproject.toml"]
+
+
+def test_console_command_lists_subcommands() -> None:
+    out = subprocess.run([sys.executable, "-m", "twinview", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for sub in ("data", "demo"):
+        assert sub in out
