@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # fp32 = no autocast
     channels_last: bool = True
     ckpt_every_steps: int = 200
     keep_last: int = 2

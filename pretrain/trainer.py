@@ -66,7 +66,7 @@ def select_device(preference: str) -> torch.device:
 
 def select_amp(preference: str, device: torch.device) -> torch.dtype | None:
     """bf16 where the device supports it, fp16 on older GPUs, or none."""
-    if preference == "off":
+    if preference == "fp32":
         return None
     if preference == "fp16":
         return torch.float16
@@ -232,6 +232,10 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
     def checkpoint() -> Path | None:
         if not is_main:
             return None
+        if not all(bool(torch.isfinite(p).all()) for p in method.parameters()):
+            raise NonFiniteLossError(
+                f"parameters became non-finite by step {step}; not saved. Last good checkpoint: "
+                f"{latest_checkpoint(run_dir) or 'none yet'}. Lower optim.lr or set optim.grad_clip.")
         state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                  "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": to_dict(cfg)}
@@ -258,7 +262,7 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
                     raise NonFiniteLossError(
                         f"loss became {loss_value} at step {step + 1} (epoch {epoch}); stopped. Last good "
                         f"checkpoint: {last or 'none yet'}. Lower optim.lr, set optim.grad_clip, or "
-                        f"train.amp=off.")
+                        f"train.amp=fp32.")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.optim.grad_clip > 0:

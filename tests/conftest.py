@@ -24,3 +24,31 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"real data not found at {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def synth_market(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small synthetic Market-1501 layout (read-only by convention: tests copy before changing it)."""
+    from twinview.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth") / "market"
+    generate("market", out, seed=0, size="small")
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_msd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from twinview.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth") / "msd"
+    generate("msd", out, seed=0, size="small")
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_nuclei(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from twinview.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth") / "nuclei"
+    generate("nuclei", out, seed=0, size="small")
+    return out

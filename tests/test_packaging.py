@@ -37,9 +37,11 @@ def test_torch_pinned_exactly_once() -> None:
     reqs = _pyproject_requirements()
     assert reqs["torch"] == "torch==2.14.1"
     assert reqs["torchvision"] == "torchvision==0.29.1"
-    pins = [p for p in REPO.glob("**/*") if p.is_file() and p.suffix in {".toml", ".txt", ".cfg"}
-            and ".venv" not in p.parts and "torch==" in p.read_text(errors="ignore")]
-    assert [p.name for p in pins] == ["pyproject.toml"]
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    install_files = [f for f in tracked if f.endswith((".toml", ".txt", ".cfg", "Makefile", ".ci/run"))]
+    pins = [f for f in install_files if "torch==" in (REPO / f).read_text(errors="ignore")]
+    assert pins == ["pyproject.toml"]
 
 
 def test_console_command_lists_subcommands() -> None:

@@ -136,7 +136,9 @@ def series_record(slices: list[SliceHeader]) -> DicomSeriesRecord:
     first = slices[0]
     for s in slices:
         if (s.rows, s.columns) != (first.rows, first.columns):
-            raise DataError(s.path, f"slice size {s.rows}x{s.columns} differs from {first.rows}x{first.columns}")
+            raise DataError(
+                s.path, f"slice size {s.rows}x{s.columns} differs from {first.rows}x{first.columns}"
+            )
     ordered, slice_spacing = _sort_slices(slices)
     return DicomSeriesRecord(
         series_uid=first.series_uid,
@@ -162,12 +164,14 @@ def _sort_slices(slices: list[SliceHeader]) -> tuple[list[SliceHeader], float]:
         return ordered, (_spacing(ordered, distances) if len(ordered) > 1 else fallback)
     if all(s.instance is not None for s in slices):
         return sorted(slices, key=lambda s: s.instance), fallback
-    raise DataError(slices[0].path, "cannot order slices: no ImagePositionPatient/Orientation or InstanceNumber")
+    raise DataError(
+        slices[0].path, "cannot order slices: no ImagePositionPatient/Orientation or InstanceNumber"
+    )
 
 
 def _spacing(ordered: list[SliceHeader], distances: list[float]) -> float:
     steps = np.diff(distances)
-    for step, s, distance in zip(steps, ordered[1:], distances[1:]):
+    for step, s, distance in zip(steps, ordered[1:], distances[1:], strict=True):
         if step < 1e-4:
             raise DataError(s.path, f"two slices at the same position ({distance:.3f} mm along the normal)")
     return float(np.median(steps))

@@ -74,7 +74,9 @@ def read_dataset_json(root: PathLike) -> MSDIndex:
         name=str(data.get("name", root.name)),
         modality={str(k): str(v) for k, v in modality.items()},
         labels=_parse_labels(json_path, labels),
-        training=[_training_entry(root, json_path, i, e) for i, e in enumerate(_list(json_path, data, "training"))],
+        training=[
+            _training_entry(root, json_path, i, e) for i, e in enumerate(_list(json_path, data, "training"))
+        ],
         test=[_test_entry(root, json_path, i, e) for i, e in enumerate(_list(json_path, data, "test"))],
     )
 

@@ -88,7 +88,8 @@ def check_pair(image_path: PathLike, label_path: PathLike) -> tuple[np.ndarray, 
     if difference > AFFINE_TOLERANCE:
         raise DataError(
             label_path,
-            f"label affine differs from image affine by up to {difference:.4g} (tolerance {AFFINE_TOLERANCE:g})",
+            f"label affine differs from image affine by up to {difference:.4g} "
+            f"(tolerance {AFFINE_TOLERANCE:g})",
         )
     return image, label
 

@@ -123,13 +123,14 @@ def _tube(rng: np.random.Generator, coords: np.ndarray, shape: tuple[int, ...], 
     nearest = d2.argmin(1)
     offset = flat - curve[nearest]
     t = tc[nearest]
-    r_head, r_tail = rng.uniform(4.0, 6.0), rng.uniform(1.8, 2.8)
+    r_head, r_tail = rng.uniform(5.0, 7.0), rng.uniform(2.5, 3.5)
     radius = r_tail + (r_head - r_tail) * (1.0 - t) ** 1.3
-    flatten = rng.uniform(0.65, 0.9)  # cross-section is an ellipse, flatter along w
+    flatten = rng.uniform(0.75, 0.95)  # cross-section is an ellipse, flatter along w
     du, dv, dw = offset @ u, offset @ v, offset @ w
     dist = np.sqrt(du**2 + dv**2 + (dw / flatten) ** 2)
     rho = dist / radius + 0.12 * _smooth_noise(rng, shape, spacing, 2.5).reshape(-1)
-    side = dw * rng.choice([-1.0, 1.0])
+    angle = rng.uniform(-0.6, 0.6) + np.pi * rng.integers(0, 2)  # CSF mostly beside the tube, in-plane
+    side = np.cos(angle) * dv + np.sin(angle) * dw
     return rho.reshape(shape), t.reshape(shape), side.reshape(shape)
 
 

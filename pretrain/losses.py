@@ -1,0 +1,105 @@
+"""Self-supervised losses as pure functions of embeddings.
+
+Every loss normalises its inputs itself, so callers pass raw projector/predictor outputs.
+None of them uses large finite constants, so they are safe under fp16/bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float = 0.1,
+    *,
+    z1_all: Tensor | None = None,
+    z2_all: Tensor | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR.
+
+    Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations".
+    With ``z = normalize(cat(z1, z2))`` (2N rows) and ``s_ij = z_i . z_j / T``::
+
+        l_i = -log( exp(s_{i,p(i)}) / sum_{j != i} exp(s_ij) ),    loss = mean_i l_i
+
+    where ``p(i)`` is the other view of sample ``i``. The self-similarity ``j == i`` is removed
+    with a boolean mask (``-inf`` logit), not a large negative constant.
+
+    Distributed use: each rank passes its local ``z1``, ``z2`` (n rows each) as anchors and
+    the embeddings gathered from all ranks, in rank order, as ``z1_all``, ``z2_all`` (N = W*n rows
+    each; gather them with gradients, see ``pretrain.distributed.gather_with_grad``), with
+    ``offset = rank * n``, the position of the local rows in the gathered set. The local anchors
+    are then contrasted with all 2N candidates. The mean over ranks of the local losses equals
+    the single-process loss on the concatenated batch.
+
+    Args:
+        z1, z2: (n, D) embeddings of the two views; row i of each comes from the same sample.
+        temperature: T.
+        z1_all, z2_all: (N, D) candidate sets containing ``z1``/``z2`` at rows ``offset:offset+n``;
+            default: ``z1``, ``z2`` themselves (single process).
+        offset: row of ``z1[0]`` in ``z1_all``.
+    """
+    if (z1_all is None) != (z2_all is None):
+        raise ValueError("pass both z1_all and z2_all, or neither")
+    if z1_all is None:
+        z1_all, z2_all = z1, z2
+    n, big_n = z1.shape[0], z1_all.shape[0]
+    anchors = F.normalize(torch.cat([z1, z2]), dim=1)
+    candidates = F.normalize(torch.cat([z1_all, z2_all]), dim=1)
+    logits = anchors @ candidates.T / temperature  # (2n, 2N)
+
+    local = torch.arange(n, device=z1.device) + offset
+    self_idx = torch.cat([local, local + big_n])
+    pos_idx = torch.cat([local + big_n, local])
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(2 * n, device=z1.device), self_idx] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    return F.cross_entropy(logits, pos_idx)
+
+
+def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
+    """InfoNCE of MoCo with a queue of negatives.
+
+    He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation Learning";
+    Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning" (MoCo v2).
+    With ``q, k`` normalised, ``l_pos = q . k`` and ``l_neg = q . queue_j``::
+
+        loss = mean_i -log( exp(l_pos_i / T) / (exp(l_pos_i / T) + sum_j exp(l_neg_ij / T)) )
+
+    i.e. cross-entropy over ``[l_pos, l_neg] / T`` with label 0.
+
+    Args:
+        q: (B, D) queries (gradients flow).
+        k: (B, D) positive keys; detached.
+        queue: (K, D) negative keys, already normalised; detached.
+        temperature: T.
+    """
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k.detach(), dim=1)
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    l_neg = q @ queue.detach().T.to(q.dtype)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL regression loss ``mean_i (2 - 2 cos(p_i, z_i))``, ``z`` detached.
+
+    Grill et al. 2020, "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning";
+    equals the squared distance of the normalised vectors.
+    """
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
+
+
+def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
+    """SimSiam negative cosine similarity ``-mean_i cos(p_i, stopgrad(z_i))``.
+
+    Chen & He 2021, "Exploring Simple Siamese Representation Learning".
+    """
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()

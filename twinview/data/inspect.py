@@ -1,0 +1,321 @@
+"""Detect a data folder's layout and check every file in it.
+
+``inspect_path`` opens every file fully (headers and pixel/voxel data) and returns a JSON-serialisable
+report. A bad file becomes an entry of ``"problems"`` (``{"file", "reason"}``) and inspection goes on;
+only a path whose layout cannot be read at all (missing, empty, unknown layout, unreadable
+dataset.json) raises DataError. Counts cover the files that read cleanly. Keys per format:
+
+- all: ``format``, ``path``, ``problems``
+- market1501: ``splits`` (per split: ``images``, ``ids``, ``cameras``, ``junk``, ``distractors``;
+  ``images`` counts every readable, well-named crop, junk and distractors included; ``ids`` excludes them)
+- msd: ``name``, ``modality``, ``label_names``, ``volumes``, ``labelled``, ``labels`` (values found in
+  the label volumes), ``shape_min``, ``shape_max``, ``spacing``
+- nifti: ``volumes``, ``shape_min``, ``shape_max``, ``spacing``
+- dicom: ``series``, ``slices``, ``modalities``, ``series_details`` (folder, modality, shape, spacing)
+- images: ``images``, ``size_min``, ``size_max`` (``[height, width]``), ``channels``, ``bit_depths``
+- dsb2018: ``images``, ``instances``, ``unlabelled``, ``size_min``, ``size_max``
+
+``spacing`` is ``{"min", "max", "median"}``, each a list of three voxel sizes in mm, per axis; shapes
+are elementwise minima and maxima over the first three axes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from tqdm import tqdm
+
+from twinview.data import dicom, dsb2018, images, market1501, msd, nifti
+from twinview.data.errors import DataError, display_path
+from twinview.data.records import VolumeRecord
+
+T = TypeVar("T")
+Report = dict[str, Any]
+FORMATS = ("market1501", "msd", "nifti", "dicom", "images", "dsb2018")
+
+
+def detect_format(path: nifti.PathLike) -> str:
+    """One of :data:`FORMATS`; DataError for a missing path, an empty folder or an unknown layout."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file or folder")
+    if path.is_file():
+        return _file_format(path)
+    if not any(path.iterdir()):
+        raise DataError(path, "empty folder")
+    if (path / msd.DATASET_JSON).is_file():
+        return "msd"
+    if any((path / split).is_dir() for split in market1501.SPLITS):
+        return "market1501"
+    if dsb2018.sample_dirs(path):
+        return "dsb2018"
+    if nifti.nifti_files(path):
+        return "nifti"
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    if any(dicom.is_dicom(p) for p in files if not images.is_image(p)):
+        return "dicom"
+    if any(images.is_image(p) for p in files):
+        return "images"
+    raise DataError(
+        path, "unknown layout: not MSD, Market-1501 or DSB2018, and no NIfTI, DICOM or image files"
+    )
+
+
+def _file_format(path: Path) -> str:
+    if nifti.is_nifti(path):
+        return "nifti"
+    if images.is_image(path):
+        return "images"
+    if dicom.is_dicom(path):
+        return "dicom"
+    raise DataError(path, "unknown file type: not NIfTI, DICOM or a PNG/JPEG/TIFF image")
+
+
+def inspect_path(path: nifti.PathLike) -> Report:
+    """Detect the format of ``path``, open every file and report counts and problems (see module doc)."""
+    fmt = detect_format(path)
+    report = _INSPECTORS[fmt](Path(path))
+    return {"format": fmt, "path": display_path(path), **report}
+
+
+def _progress(items: Sequence[T], desc: str) -> Iterable[T]:
+    """``items`` with a progress bar on stderr, shown only when stderr is a terminal."""
+    return tqdm(items, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
+def _problem(path: nifti.PathLike, reason: str) -> dict[str, str]:
+    return {"file": display_path(path), "reason": reason}
+
+
+def _from_error(err: DataError) -> dict[str, str]:
+    return _problem(err.path if err.path is not None else "", err.reason)
+
+
+def _shape_range(shapes: list[tuple[int, ...]], dims: int = 3) -> tuple[list[int] | None, list[int] | None]:
+    """Elementwise min and max over the first ``dims`` axes (missing axes count as 1)."""
+    if not shapes:
+        return None, None
+    spatial = np.array([tuple(s[:dims]) + (1,) * (dims - len(s[:dims])) for s in shapes])
+    return spatial.min(axis=0).tolist(), spatial.max(axis=0).tolist()
+
+
+def _spacing_stats(spacings: list[tuple[float, float, float]]) -> dict[str, list[float]] | None:
+    if not spacings:
+        return None
+    values = np.array(spacings)
+    return {
+        "min": values.min(axis=0).tolist(),
+        "max": values.max(axis=0).tolist(),
+        "median": np.median(values, axis=0).tolist(),
+    }
+
+
+def _inspect_market(root: Path) -> Report:
+    problems: list[dict[str, str]] = []
+    splits = {}
+    for split in market1501.SPLITS:
+        folder = root / split
+        try:
+            files = market1501.split_files(folder)
+        except DataError as err:
+            problems.append(_from_error(err))
+            files = []
+        else:
+            if not files:
+                problems.append(_problem(folder, "no images"))
+        splits[split] = _market_split(files, split, problems)
+    return {"splits": splits, "problems": problems}
+
+
+def _market_split(files: list[Path], split: str, problems: list[dict[str, str]]) -> Report:
+    pids, cameras = [], set()
+    for path in _progress(files, split):
+        try:
+            pid, camid, _, _ = market1501.parse_market_name(path)
+            market1501.person_record(path, split)
+            images.load_image(path)
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        pids.append(pid)
+        cameras.add(camid)
+    real = {p for p in pids if p not in (market1501.JUNK, market1501.DISTRACTOR)}
+    return {
+        "images": len(pids),
+        "ids": len(real),
+        "cameras": len(cameras),
+        "junk": pids.count(market1501.JUNK),
+        "distractors": pids.count(market1501.DISTRACTOR),
+    }
+
+
+def _inspect_msd(root: Path) -> Report:
+    index = msd.read_dataset_json(root)
+    problems: list[dict[str, str]] = []
+    records, found = [], set()
+    for image, label in _progress(index.training, "training"):
+        try:
+            record, label_array = _msd_case(image, label)
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        values = {int(v) for v in np.unique(label_array)}
+        unknown = sorted(values - set(index.labels))
+        if unknown:
+            problems.append(
+                _problem(label, f"label values {unknown} not in dataset.json labels {sorted(index.labels)}")
+            )
+            continue
+        found |= values
+        records.append(record)
+    labelled = len(records)
+    records += _nifti_records(index.test, problems, msd.listed_file)
+    shape_min, shape_max = _shape_range([r.shape for r in records])
+    return {
+        "name": index.name,
+        "modality": index.modality,
+        "label_names": {str(k): v for k, v in sorted(index.labels.items())},
+        "volumes": len(records),
+        "labelled": labelled,
+        "labels": sorted(found),
+        "shape_min": shape_min,
+        "shape_max": shape_max,
+        "spacing": _spacing_stats([r.spacing for r in records]),
+        "problems": problems,
+    }
+
+
+def _msd_case(image: Path, label: Path) -> tuple[VolumeRecord, np.ndarray]:
+    """The record of one training case and its label array, after the shape and affine checks."""
+    record = nifti.volume_record(msd.listed_file(image), msd.listed_file(label))
+    _, label_array = nifti.check_pair(image, label)
+    if not np.array_equal(label_array, np.round(label_array)):
+        raise DataError(label, "non-integer label values")
+    return record, label_array
+
+
+def _nifti_records(
+    paths: list[Path], problems: list[dict[str, str]], check: Callable[[Path], Path]
+) -> list[VolumeRecord]:
+    """Records of the volumes that pass ``check`` and read fully; the others become problems."""
+    records = []
+    for path in _progress(paths, "volumes"):
+        try:
+            record = nifti.volume_record(check(path))
+            nifti.load_nifti(path)
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        records.append(record)
+    return records
+
+
+def _inspect_nifti(path: Path) -> Report:
+    files = [path] if path.is_file() else nifti.nifti_files(path)
+    problems: list[dict[str, str]] = []
+    records = _nifti_records(files, problems, Path)
+    shape_min, shape_max = _shape_range([r.shape for r in records])
+    return {
+        "volumes": len(records),
+        "shape_min": shape_min,
+        "shape_max": shape_max,
+        "spacing": _spacing_stats([r.spacing for r in records]),
+        "problems": problems,
+    }
+
+
+def _inspect_dicom(root: Path) -> Report:
+    problems: list[dict[str, str]] = []
+    by_uid: dict[str, list[dicom.SliceHeader]] = defaultdict(list)
+    for path in _progress(dicom.dicom_files(root), "headers"):
+        try:
+            header = dicom.read_slice_header(path)
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        by_uid[header.series_uid].append(header)
+    series = []
+    for slices in _progress(list(by_uid.values()), "series"):
+        try:
+            record = dicom.series_record(slices)
+            dicom.load_dicom_series(record)
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        series.append(record)
+    return {
+        "series": len(series),
+        "slices": sum(len(s.files) for s in series),
+        "modalities": sorted({s.modality for s in series}),
+        "series_details": [
+            {
+                "folder": display_path(s.folder),
+                "modality": s.modality,
+                "shape": list(s.shape),
+                "spacing": list(s.spacing),
+            }
+            for s in series
+        ],
+        "problems": problems,
+    }
+
+
+def _inspect_images(root: Path) -> Report:
+    problems: list[dict[str, str]] = []
+    records = []
+    for path in _progress(images.list_image_files(root), "images"):
+        try:
+            record = images.image_record(path)
+            images.load_image(path)
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        records.append(record)
+    size_min, size_max = _shape_range([(r.height, r.width) for r in records], dims=2)
+    return {
+        "images": len(records),
+        "size_min": size_min,
+        "size_max": size_max,
+        "channels": {str(k): n for k, n in sorted(Counter(r.channels for r in records).items())},
+        "bit_depths": {str(k): n for k, n in sorted(Counter(r.bit_depth for r in records).items())},
+        "problems": problems,
+    }
+
+
+def _inspect_dsb2018(root: Path) -> Report:
+    problems: list[dict[str, str]] = []
+    sizes, instances, unlabelled = [], 0, 0
+    for sample in _progress(dsb2018.sample_dirs(root), "samples"):
+        try:
+            record = dsb2018.nuclei_record(sample)
+            loaded = dsb2018.load_nuclei(record)
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        sizes.append(loaded.image.shape[:2])
+        instances += len(record.masks)
+        unlabelled += not record.masks
+    size_min, size_max = _shape_range(sizes, dims=2)
+    return {
+        "images": len(sizes),
+        "instances": instances,
+        "unlabelled": unlabelled,
+        "size_min": size_min,
+        "size_max": size_max,
+        "problems": problems,
+    }
+
+
+_INSPECTORS: dict[str, Callable[[Path], Report]] = {
+    "market1501": _inspect_market,
+    "msd": _inspect_msd,
+    "nifti": _inspect_nifti,
+    "dicom": _inspect_dicom,
+    "images": _inspect_images,
+    "dsb2018": _inspect_dsb2018,
+}
