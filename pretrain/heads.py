@@ -8,6 +8,7 @@ optional norm module, then the optional activation. The Linear has no bias when 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import NamedTuple
 
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ class MLPHead(nn.Module):
         if not layers:
             raise ValueError("a head needs at least one layer")
         specs = [LayerSpec(*layer) for layer in layers]
-        for prev, cur in zip(specs, specs[1:]):
+        for prev, cur in pairwise(specs):
             if prev.out_dim != cur.in_dim:
                 raise ValueError(f"layer sizes do not chain: {prev.out_dim} -> {cur.in_dim}")
         modules: list[nn.Module] = []
@@ -57,7 +58,9 @@ def simclr_projection(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -
 
 def moco_v2_projection(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> MLPHead:
     """MoCo v2 MLP head: Linear-ReLU-Linear, no BN (Chen et al. 2020, "Improved Baselines")."""
-    return MLPHead([LayerSpec(in_dim, hidden_dim, None, nn.ReLU(inplace=True)), LayerSpec(hidden_dim, out_dim)])
+    return MLPHead(
+        [LayerSpec(in_dim, hidden_dim, None, nn.ReLU(inplace=True)), LayerSpec(hidden_dim, out_dim)]
+    )
 
 
 def byol_projection(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> MLPHead:

@@ -46,7 +46,8 @@ def _cmd_views(args: argparse.Namespace) -> int:
     from pretrain.view_grid import save_view_grid_from_data
 
     out = save_view_grid_from_data(args.preset, args.data, args.out, n_samples=args.samples,
-                                   size=tuple(args.size) if args.size else None, seed=args.seed)
+                                   size=tuple(args.size) if args.size else None, seed=args.seed,
+                                   volumes=args.volumes)
     print(out)
     return 0
 
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     views.add_argument("--samples", type=int, default=4)
     views.add_argument("--size", type=int, nargs="+", help="output size, H W (or D H W)")
     views.add_argument("--seed", type=int, default=0)
+    views.add_argument("--3d", dest="volumes", action="store_true",
+                       help="MSD scans as 3D volumes (ct/mri presets) instead of 2D slices")
     views.set_defaults(func=_cmd_views)
 
     demo = sub.add_parser("demo", help="run the main job end to end on synthetic data",

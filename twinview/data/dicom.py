@@ -2,8 +2,8 @@
 
 Layout: DICOM files (with the 128-byte preamble and ``DICM`` marker; any name, with or without
 ``.dcm``) anywhere below a root folder; slices are grouped by SeriesInstanceUID, whatever folders they
-sit in. Files without the ``DICM`` marker are skipped; a file with the marker that cannot be parsed is
-a DataError.
+sit in. Files without the ``DICM`` marker and ``DICOMDIR`` index files are skipped; a file with the
+marker that cannot be parsed is a DataError.
 
 Privacy: headers are read with ``specific_tags`` limited to geometry and series tags, so patient tags
 (PatientName, PatientID, PatientBirthDate, ...) are never loaded, stored, logged or put into errors.
@@ -12,6 +12,7 @@ Privacy: headers are read with ``specific_tags`` limited to geometry and series 
 from __future__ import annotations
 
 import os
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,16 @@ _HEADER_TAGS = [
     "InstanceNumber",
     "SliceThickness",
 ]
-_READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError)
+_READ_ERRORS = (
+    InvalidDicomError,
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    zlib.error,
+)
 _DECODE_ERRORS = (*_READ_ERRORS, RuntimeError, NotImplementedError)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -77,7 +87,7 @@ def dicom_files(root: PathLike) -> list[Path]:
         candidates = sorted(p for p in root.rglob("*") if p.is_file())
     else:
         raise DataError(root, "no such file or folder")
-    files = [p for p in candidates if is_dicom(p)]
+    files = [p for p in candidates if p.name.upper() != "DICOMDIR" and is_dicom(p)]
     if not files:
         raise DataError(root, "no DICOM files (with a DICM marker)")
     return files
@@ -103,7 +113,7 @@ def read_slice_header(path: PathLike) -> SliceHeader:
 def _slice_header(path: Path, ds: Dataset) -> SliceHeader:
     for keyword in ("SeriesInstanceUID", "Rows", "Columns"):
         if keyword not in ds:
-            raise DataError(path, f"missing {keyword}")
+            raise DataError(path, f"missing {keyword} (not an image slice, or a truncated file)")
     spacing = ds.get("PixelSpacing") or (1.0, 1.0)
     orientation = ds.get("ImageOrientationPatient")
     position = ds.get("ImagePositionPatient")
@@ -139,6 +149,8 @@ def series_record(slices: list[SliceHeader]) -> DicomSeriesRecord:
             raise DataError(
                 s.path, f"slice size {s.rows}x{s.columns} differs from {first.rows}x{first.columns}"
             )
+        if _differ(s.orientation, first.orientation):
+            raise DataError(s.path, "slice orientation differs from the first slice of its series")
     ordered, slice_spacing = _sort_slices(slices)
     return DicomSeriesRecord(
         series_uid=first.series_uid,
@@ -148,6 +160,12 @@ def series_record(slices: list[SliceHeader]) -> DicomSeriesRecord:
         shape=(first.rows, first.columns, len(slices)),
         spacing=(*first.pixel_spacing, slice_spacing),
     )
+
+
+def _differ(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
+    if a is None or b is None:
+        return a is not b
+    return not np.allclose(a, b, atol=1e-4)
 
 
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:
@@ -183,11 +201,12 @@ def load_dicom_series(record: DicomSeriesRecord) -> tuple[np.ndarray, np.ndarray
     The affine maps (row, column, slice) indices to RAS+ millimetres (like NIfTI); without orientation
     tags it is a diagonal of the spacing.
     """
-    volume = np.stack([_pixels(path, record) for path in record.files], axis=-1)
+    volume = np.stack([load_slice(path, record.shape[:2]) for path in record.files], axis=-1)
     return volume, _affine(record)
 
 
-def _pixels(path: Path, record: DicomSeriesRecord) -> np.ndarray:
+def load_slice(path: PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """One slice's pixels as float32 with RescaleSlope/Intercept applied; DataError unless ``shape``."""
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
@@ -195,8 +214,8 @@ def _pixels(path: Path, record: DicomSeriesRecord) -> np.ndarray:
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     except _DECODE_ERRORS as exc:
         raise DataError(path, f"cannot decode pixel data: {display_path(str(exc))}") from exc
-    if pixels.shape != record.shape[:2]:
-        raise DataError(path, f"pixel data shape {pixels.shape} differs from series shape {record.shape[:2]}")
+    if pixels.shape != shape:
+        raise DataError(path, f"pixel data shape {pixels.shape} differs from series shape {shape}")
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 

@@ -47,6 +47,11 @@ def sample_dirs(root: PathLike) -> list[Path]:
     return [sample for stage in stages for sample in _samples_in(stage)]
 
 
+def is_dsb2018(root: PathLike) -> bool:
+    """Whether ``root`` holds at least one complete sample (``<id>/images/<id>.png``)."""
+    return any((sample / "images" / f"{sample.name}.png").is_file() for sample in sample_dirs(root))
+
+
 def _samples_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if (p / "images").is_dir())
 
@@ -72,22 +77,27 @@ def read_dsb2018(root: PathLike) -> list[NucleiRecord]:
 
 def load_nuclei(record: NucleiRecord) -> NucleiSample:
     """Decode the image and all masks; a mask whose size differs from the image is a DataError naming it."""
-    image = load_image(record.image)
-    if image.dtype != np.uint8:
-        raise DataError(record.image, f"expected an 8-bit image, got {image.dtype}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
+    image = load_rgb(record.image)
     height, width = image.shape[:2]
     instances = np.zeros((height, width), dtype=np.int32)
     boxes = np.zeros((len(record.masks), 4), dtype=np.float32)
     for index, path in enumerate(record.masks, start=1):
-        mask = _load_mask(path, (height, width))
+        mask = load_mask(path, (height, width))
         instances[mask] = index
         boxes[index - 1] = _box(mask)
     return NucleiSample(image, instances, (instances > 0).astype(np.uint8), boxes)
 
 
-def _load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def load_rgb(path: PathLike) -> np.ndarray:
+    """A sample image as ``HxWx3`` uint8 (alpha dropped, grey repeated); other bit depths are a DataError."""
+    image = load_image(path)
+    if image.dtype != np.uint8:
+        raise DataError(path, f"expected an 8-bit image, got {image.dtype}")
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+
+
+def load_mask(path: PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """One nucleus mask as HxW bool (nonzero is inside); DataError when empty or not of ``shape``."""
     mask = load_image(path)[..., 0] > 0
     if mask.shape != shape:
         raise DataError(

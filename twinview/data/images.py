@@ -77,7 +77,7 @@ def _open(path: PathLike) -> Image.Image:
     except UnidentifiedImageError:
         raise DataError(path, "not a readable image (PNG, JPEG or TIFF)") from None
     except _READ_ERRORS as exc:
-        raise DataError(path, f"unreadable image: {display_path(str(exc))}") from exc
+        raise DataError(path, f"unreadable or truncated image: {display_path(str(exc))}") from exc
 
 
 def _layout(mode: str, path: PathLike) -> tuple[int, int]:
@@ -95,6 +95,5 @@ def _to_array(image: Image.Image, path: PathLike) -> np.ndarray:
         if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint16).max):
             raise DataError(path, f"integer values outside 0..65535 (mode {image.mode})")
         return array.astype(np.uint16)
-    if image.mode in _GREY_MODES:
-        return np.asarray(image.convert("L"))
-    return np.asarray(image.convert("RGB"))
+    target = "L" if image.mode in _GREY_MODES else "RGB"
+    return np.array(image if image.mode == target else image.convert(target))  # writeable copy

@@ -8,6 +8,8 @@ dataset.json) raises DataError. Counts cover the files that read cleanly. Keys p
 - all: ``format``, ``path``, ``problems``
 - market1501: ``splits`` (per split: ``images``, ``ids``, ``cameras``, ``junk``, ``distractors``;
   ``images`` counts every readable, well-named crop, junk and distractors included; ``ids`` excludes them)
+  and ``unmatched_queries`` (queries without a gallery crop of the same id from another camera: the
+  standard evaluation skips them; not a problem)
 - msd: ``name``, ``modality``, ``label_names``, ``volumes``, ``labelled``, ``labels`` (values found in
   the label volumes), ``shape_min``, ``shape_max``, ``spacing``
 - nifti: ``volumes``, ``shape_min``, ``shape_max``, ``spacing``
@@ -16,14 +18,17 @@ dataset.json) raises DataError. Counts cover the files that read cleanly. Keys p
 - dsb2018: ``images``, ``instances``, ``unlabelled``, ``size_min``, ``size_max``
 
 ``spacing`` is ``{"min", "max", "median"}``, each a list of three voxel sizes in mm, per axis; shapes
-are elementwise minima and maxima over the first three axes.
+and sizes are elementwise minima and maxima (first three axes of volumes). They are null when no file
+read cleanly.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,11 +40,12 @@ from twinview.data.errors import DataError, display_path
 from twinview.data.records import VolumeRecord
 
 T = TypeVar("T")
+PathLike = str | os.PathLike[str]
 Report = dict[str, Any]
 FORMATS = ("market1501", "msd", "nifti", "dicom", "images", "dsb2018")
 
 
-def detect_format(path: nifti.PathLike) -> str:
+def detect_format(path: PathLike) -> str:
     """One of :data:`FORMATS`; DataError for a missing path, an empty folder or an unknown layout."""
     path = Path(path)
     if not path.exists():
@@ -52,7 +58,7 @@ def detect_format(path: nifti.PathLike) -> str:
         return "msd"
     if any((path / split).is_dir() for split in market1501.SPLITS):
         return "market1501"
-    if dsb2018.sample_dirs(path):
+    if dsb2018.is_dsb2018(path):
         return "dsb2018"
     if nifti.nifti_files(path):
         return "nifti"
@@ -76,7 +82,7 @@ def _file_format(path: Path) -> str:
     raise DataError(path, "unknown file type: not NIfTI, DICOM or a PNG/JPEG/TIFF image")
 
 
-def inspect_path(path: nifti.PathLike) -> Report:
+def inspect_path(path: PathLike) -> Report:
     """Detect the format of ``path``, open every file and report counts and problems (see module doc)."""
     fmt = detect_format(path)
     report = _INSPECTORS[fmt](Path(path))
@@ -88,12 +94,25 @@ def _progress(items: Sequence[T], desc: str) -> Iterable[T]:
     return tqdm(items, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
-def _problem(path: nifti.PathLike, reason: str) -> dict[str, str]:
+def _problem(path: PathLike, reason: str) -> dict[str, str]:
     return {"file": display_path(path), "reason": reason}
 
 
 def _from_error(err: DataError) -> dict[str, str]:
     return _problem(err.path if err.path is not None else "", err.reason)
+
+
+def _count_read(paths: Sequence[Path], load: Callable[[Path], object], problems: list[dict[str, str]]) -> int:
+    """Call ``load`` on every path, adding a problem for each DataError; how many read cleanly."""
+    count = 0
+    for path in paths:
+        try:
+            load(path)
+        except DataError as err:
+            problems.append(_from_error(err))
+        else:
+            count += 1
+    return count
 
 
 def _shape_range(shapes: list[tuple[int, ...]], dims: int = 3) -> tuple[list[int] | None, list[int] | None]:
@@ -117,7 +136,7 @@ def _spacing_stats(spacings: list[tuple[float, float, float]]) -> dict[str, list
 
 def _inspect_market(root: Path) -> Report:
     problems: list[dict[str, str]] = []
-    splits = {}
+    splits, crops = {}, {}
     for split in market1501.SPLITS:
         folder = root / split
         try:
@@ -128,12 +147,18 @@ def _inspect_market(root: Path) -> Report:
         else:
             if not files:
                 problems.append(_problem(folder, "no images"))
-        splits[split] = _market_split(files, split, problems)
-    return {"splits": splits, "problems": problems}
+        crops[split] = _market_crops(files, split, problems)
+        splits[split] = _market_summary(crops[split])
+    return {
+        "splits": splits,
+        "unmatched_queries": _unmatched_queries(crops[market1501.QUERY], crops[market1501.GALLERY]),
+        "problems": problems,
+    }
 
 
-def _market_split(files: list[Path], split: str, problems: list[dict[str, str]]) -> Report:
-    pids, cameras = [], set()
+def _market_crops(files: list[Path], split: str, problems: list[dict[str, str]]) -> list[tuple[int, int]]:
+    """``(pid, camid)`` of each well-named crop that the protocol accepts and that decodes."""
+    crops = []
     for path in _progress(files, split):
         try:
             pid, camid, _, _ = market1501.parse_market_name(path)
@@ -142,16 +167,27 @@ def _market_split(files: list[Path], split: str, problems: list[dict[str, str]])
         except DataError as err:
             problems.append(_from_error(err))
             continue
-        pids.append(pid)
-        cameras.add(camid)
-    real = {p for p in pids if p not in (market1501.JUNK, market1501.DISTRACTOR)}
+        crops.append((pid, camid))
+    return crops
+
+
+def _market_summary(crops: list[tuple[int, int]]) -> Report:
+    pids = [pid for pid, _ in crops]
     return {
-        "images": len(pids),
-        "ids": len(real),
-        "cameras": len(cameras),
+        "images": len(crops),
+        "ids": len({p for p in pids if p not in (market1501.JUNK, market1501.DISTRACTOR)}),
+        "cameras": len({camid for _, camid in crops}),
         "junk": pids.count(market1501.JUNK),
         "distractors": pids.count(market1501.DISTRACTOR),
     }
+
+
+def _unmatched_queries(query: list[tuple[int, int]], gallery: list[tuple[int, int]]) -> int:
+    """Queries with no gallery crop of the same person from another camera (evaluation skips them)."""
+    cameras: dict[int, set[int]] = defaultdict(set)
+    for pid, camid in gallery:
+        cameras[pid].add(camid)
+    return sum(not (cameras[pid] - {camid}) for pid, camid in query if pid > market1501.DISTRACTOR)
 
 
 def _inspect_msd(root: Path) -> Report:
@@ -243,11 +279,12 @@ def _inspect_dicom(root: Path) -> Report:
     for slices in _progress(list(by_uid.values()), "series"):
         try:
             record = dicom.series_record(slices)
-            dicom.load_dicom_series(record)
         except DataError as err:
             problems.append(_from_error(err))
             continue
-        series.append(record)
+        slices_read = _count_read(record.files, partial(dicom.load_slice, shape=record.shape[:2]), problems)
+        if slices_read == len(record.files):
+            series.append(record)
     return {
         "series": len(series),
         "slices": sum(len(s.files) for s in series),
@@ -293,12 +330,12 @@ def _inspect_dsb2018(root: Path) -> Report:
     for sample in _progress(dsb2018.sample_dirs(root), "samples"):
         try:
             record = dsb2018.nuclei_record(sample)
-            loaded = dsb2018.load_nuclei(record)
+            shape = dsb2018.load_rgb(record.image).shape[:2]
         except DataError as err:
             problems.append(_from_error(err))
             continue
-        sizes.append(loaded.image.shape[:2])
-        instances += len(record.masks)
+        sizes.append(shape)
+        instances += _count_read(record.masks, partial(dsb2018.load_mask, shape=shape), problems)
         unlabelled += not record.masks
     size_min, size_max = _shape_range(sizes, dims=2)
     return {

@@ -58,9 +58,12 @@ def _open(path: PathLike) -> nib.spatialimages.SpatialImage:
 
 
 def nifti_header(path: PathLike) -> tuple[tuple[int, ...], tuple[float, float, float]]:
-    """``(shape, spacing)`` from the header only; spacing is the voxel size (mm) of the first 3 axes."""
+    """``(shape, spacing)`` from the header only; spacing is the voxel size (mm) of the first 3 axes.
+
+    The header stores float32 sizes; they are rounded to 6 decimals (1.27, not 1.2699999809265137).
+    """
     image = _open(path)
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    zooms = tuple(round(float(z), 6) for z in image.header.get_zooms()[:3])
     spacing = zooms + (1.0,) * (3 - len(zooms))
     return tuple(int(n) for n in image.shape), spacing
 

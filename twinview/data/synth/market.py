@@ -80,7 +80,7 @@ class Camera:
 
     gain: np.ndarray  # per-channel colour cast
     gamma: float
-    background: np.ndarray  # large float texture, cropped per image
+    background: np.ndarray  # large uint8 RGB scene, cropped per image
     back_prob: float  # how often people are seen from the back
     side_prob: float
     occlusion: float  # probability of an occluder
@@ -111,12 +111,12 @@ def write_market(out: Path, seed: int, size: str) -> dict[str, object]:
     for split in ("bounding_box_train", "query", "bounding_box_test"):
         (out / split).mkdir()
     for pid in train_pids:
-        for shots in _tracks(rng, pid):
+        for shots in _tracks(rng, pid, cameras):
             for shot in shots:
                 _save(rng, shot, cameras, out / "bounding_box_train", names)
                 counts["train_images"] += 1
     for pid in test_pids:
-        for shots in _tracks(rng, pid):
+        for shots in _tracks(rng, pid, cameras):
             query = int(rng.integers(len(shots)))
             for i, shot in enumerate(shots):
                 split = "query" if i == query else "bounding_box_test"
@@ -124,7 +124,9 @@ def write_market(out: Path, seed: int, size: str) -> dict[str, object]:
                 counts["query_images" if i == query else "gallery_images"] += 1
     for pid, n in ((0, cfg.distractors), (-1, cfg.junk)):
         for _ in range(n):
-            shot = _Shot(pid, int(rng.integers(1, N_CAMERAS + 1)), _identity(rng), "front", bool(rng.random() < 0.5))
+            shot = _Shot(
+                pid, int(rng.integers(1, N_CAMERAS + 1)), _identity(rng), "front", bool(rng.random() < 0.5)
+            )
             _save(rng, shot, cameras, out / "bounding_box_test", names)
     return {
         "train_ids": len(train_pids),
@@ -135,25 +137,28 @@ def write_market(out: Path, seed: int, size: str) -> dict[str, object]:
     }
 
 
-def _tracks(rng: np.random.Generator, pid: int) -> Iterator[list[_Shot]]:
+def _tracks(rng: np.random.Generator, pid: int, cameras: list[Camera]) -> Iterator[list[_Shot]]:
     """One person seen by 2-6 cameras, 2-6 images per camera; view and walking direction per camera."""
     person = _identity(rng)
     n_cams = int(rng.choice([2, 3, 3, 4, 4, 5, 6]))
     for cam in sorted(int(c) for c in rng.choice(np.arange(1, N_CAMERAS + 1), n_cams, replace=False)):
-        view = _view(rng, cam)
+        view = _view(rng, cameras[cam - 1])
         flip = bool(rng.random() < 0.5)
         shots = []
         for _ in range(int(rng.integers(2, 7))):
             changed = rng.random() < 0.15  # the person turns between frames
-            shots.append(_Shot(pid, cam, person, _view(rng, cam) if changed else view, flip ^ bool(changed)))
+            shots.append(
+                _Shot(
+                    pid, cam, person, _view(rng, cameras[cam - 1]) if changed else view, flip ^ bool(changed)
+                )
+            )
         yield shots
 
 
-def _view(rng: np.random.Generator, cam: int) -> str:
-    """Each camera sees people mostly from one side, set by its (seeded) position."""
-    back = 0.15 + 0.7 * ((cam * 37) % 6) / 5
+def _view(rng: np.random.Generator, cam: Camera) -> str:
+    """Each camera sees people mostly from the front or mostly from the back, depending on where it looks."""
     roll = rng.random()
-    return "side" if roll < 0.15 else "back" if roll < 0.15 + 0.85 * back else "front"
+    return "side" if roll < cam.side_prob else "back" if rng.random() < cam.back_prob else "front"
 
 
 def _pick(rng: np.random.Generator, palette: list[RGB], jitter: int = 12) -> RGB:
@@ -183,7 +188,7 @@ def _identity(rng: np.random.Generator) -> Identity:
 
 
 def _camera(rng: np.random.Generator) -> Camera:
-    cast = rng.uniform(0.78, 1.22, 3)
+    cast = rng.uniform(0.85, 1.15, 3)
     return Camera(
         gain=cast / cast.mean() * rng.uniform(0.75, 1.15),
         gamma=float(rng.uniform(0.8, 1.25)),
@@ -191,7 +196,7 @@ def _camera(rng: np.random.Generator) -> Camera:
         back_prob=float(rng.uniform(0.1, 0.9)),
         side_prob=float(rng.uniform(0.05, 0.25)),
         occlusion=float(rng.uniform(0.1, 0.4)),
-        blur=float(rng.uniform(0.0, 0.8)),
+        blur=float(rng.uniform(0.3, 1.0)),
         noise=float(rng.uniform(2.0, 7.0)),
     )
 
@@ -204,7 +209,11 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     kind = int(rng.integers(4))
     period = int(rng.integers(16, 40))
     if kind == 0:  # tiles
-        pattern = (((yy // period) + (xx // period)) % 2) * 14.0 - 7 + ((yy % period < 2) | (xx % period < 2)) * -25.0
+        pattern = (
+            (((yy // period) + (xx // period)) % 2) * 14.0
+            - 7
+            + ((yy % period < 2) | (xx % period < 2)) * -25.0
+        )
     elif kind == 1:  # foliage
         pattern = ndimage.gaussian_filter(rng.normal(0, 60, (h, w)), 3)
     elif kind == 2:  # wall with windows
@@ -214,10 +223,12 @@ def _background(rng: np.random.Generator) -> np.ndarray:
         pattern = pattern * 90.0 + yy / h * 30.0
     shade = ndimage.gaussian_filter(rng.normal(0, 25, (h // 8, w // 8)), 2).repeat(8, 0).repeat(8, 1)
     texture = base + (pattern + shade + rng.normal(0, 6, (h, w)))[..., None]
-    return np.clip(texture, 0, 255).astype(np.float32)
+    return np.clip(texture, 0, 255).astype(np.uint8)
 
 
-def _save(rng: np.random.Generator, shot: _Shot, cameras: list[Camera], folder: Path, names: set[str]) -> None:
+def _save(
+    rng: np.random.Generator, shot: _Shot, cameras: list[Camera], folder: Path, names: set[str]
+) -> None:
     """Render one shot and write it under a fresh Market-1501 name."""
     image = _render(rng, shot, cameras[shot.cam - 1])
     while True:
@@ -232,34 +243,38 @@ def _save(rng: np.random.Generator, shot: _Shot, cameras: list[Camera], folder: 
 
 def _render(rng: np.random.Generator, shot: _Shot, cam: Camera) -> np.ndarray:
     """Background crop, person, occluder, then the camera's colour response, blur and noise."""
-    y0, x0 = int(rng.integers(0, cam.background.shape[0] - _H)), int(rng.integers(0, cam.background.shape[1] - _W))
-    bg = cam.background[y0 : y0 + _H, x0 : x0 + _W] * rng.uniform(0.92, 1.08)
-    canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    y0, x0 = (
+        int(rng.integers(0, cam.background.shape[0] - _H)),
+        int(rng.integers(0, cam.background.shape[1] - _W)),
+    )
+    canvas = Image.fromarray(cam.background[y0 : y0 + _H, x0 : x0 + _W])
     draw = ImageDraw.Draw(canvas)
-    if shot.pid == 0 and rng.random() < 0.4:
-        pass  # a distractor box with background only (a false detection)
-    elif shot.pid == -1:
-        _draw_person(draw, canvas, shot.identity, shot.view, rng, scale=rng.uniform(1.6, 2.4))
-    else:
-        _draw_person(draw, canvas, shot.identity, shot.view, rng, scale=rng.uniform(0.92, 1.05))
+    scale = rng.uniform(1.6, 2.4) if shot.pid == -1 else rng.uniform(0.92, 1.05)  # junk: body parts only
+    if not (shot.pid == 0 and rng.random() < 0.4):  # some distractors are false detections: no person
+        _draw_person(draw, canvas, shot.identity, shot.view, rng, scale)
     if rng.random() < cam.occlusion:
         _draw_occluder(draw, rng)
     if shot.flip:
         canvas = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if cam.blur > 0.3:
-        canvas = canvas.filter(ImageFilter.GaussianBlur(cam.blur * _SS))
-    small = np.asarray(canvas.reduce(_SS), dtype=np.float32) / 255.0
+    small = canvas.reduce(_SS).filter(ImageFilter.GaussianBlur(cam.blur))
+    small = np.asarray(small, dtype=np.float32) / 255.0
     lit = np.power(np.clip(small * cam.gain * rng.uniform(0.9, 1.1), 0, 1), cam.gamma) * 255.0
     return np.clip(lit + rng.normal(0, cam.noise, lit.shape), 0, 255).astype(np.uint8)
 
 
-def _draw_person(draw: ImageDraw.ImageDraw, canvas: Image.Image, p: Identity, view: str,
-                 rng: np.random.Generator, scale: float) -> None:
+def _draw_person(
+    draw: ImageDraw.ImageDraw,
+    canvas: Image.Image,
+    p: Identity,
+    view: str,
+    rng: np.random.Generator,
+    scale: float,
+) -> None:
     """Draw a walking person, centred with jitter; ``scale`` > 1 crops it (junk boxes show parts)."""
     h = _H * p.stature * scale
     top = _H * (1 - p.stature) / 2 + rng.normal(0, 4) - (h - _H * p.stature) * rng.uniform(0, 1)
     cx = _W / 2 + rng.normal(0, 4)
-    half = h * 0.12 * p.build * (0.65 if view == "side" else 1.0)
+    half = h * 0.14 * p.build * (0.65 if view == "side" else 1.0)
     phase, swing = rng.uniform(-1, 1), rng.uniform(-1, 1)
 
     def y(f: float) -> float:
@@ -283,8 +298,15 @@ def _draw_person(draw: ImageDraw.ImageDraw, canvas: Image.Image, p: Identity, vi
             draw.polygon([leg[0], leg[1], (knee + limb, y(0.7)), (knee - limb, y(0.7))], fill=p.lower)
         draw.ellipse([foot - limb * 1.4, y(0.91), foot + limb * 1.6, y(0.97)], fill=p.shoes)
     if p.lower_kind == "skirt":
-        draw.polygon([(cx - half, y(0.48)), (cx + half, y(0.48)), (cx + half * 1.4, y(0.72)),
-                      (cx - half * 1.4, y(0.72))], fill=p.lower)
+        draw.polygon(
+            [
+                (cx - half, y(0.48)),
+                (cx + half, y(0.48)),
+                (cx + half * 1.4, y(0.72)),
+                (cx - half * 1.4, y(0.72)),
+            ],
+            fill=p.lower,
+        )
     else:
         draw.rectangle([cx - half, y(0.47), cx + half, y(0.56)], fill=p.lower)
     # arms (sleeve then skin), swinging opposite to the legs
@@ -301,13 +323,22 @@ def _draw_person(draw: ImageDraw.ImageDraw, canvas: Image.Image, p: Identity, vi
     if p.bag == "backpack" and view != "front":
         w = half * (0.8 if view == "back" else 0.5)
         off = 0 if view == "back" else -half * 0.9
-        draw.rounded_rectangle([cx + off - w, y(0.17), cx + off + w, y(0.43)], radius=h * 0.02, fill=p.bag_colour)
+        draw.rounded_rectangle(
+            [cx + off - w, y(0.17), cx + off + w, y(0.43)], radius=h * 0.02, fill=p.bag_colour
+        )
     elif p.bag == "backpack":
         for side in (-1, 1):
-            draw.line([(cx + side * half * 0.6, y(0.15)), (cx + side * half * 0.55, y(0.38))], fill=p.bag_colour,
-                      width=max(2, int(h * 0.015)))
+            draw.line(
+                [(cx + side * half * 0.6, y(0.15)), (cx + side * half * 0.55, y(0.38))],
+                fill=p.bag_colour,
+                width=max(2, int(h * 0.015)),
+            )
     if p.bag == "shoulder":
-        draw.line([(cx - half * 0.8, y(0.15)), (cx + half, y(0.44))], fill=p.bag_colour, width=max(2, int(h * 0.012)))
+        draw.line(
+            [(cx - half * 0.8, y(0.15)), (cx + half, y(0.44))],
+            fill=p.bag_colour,
+            width=max(2, int(h * 0.012)),
+        )
         draw.rectangle([cx + half * 0.8, y(0.4), cx + half * 1.5, y(0.52)], fill=p.bag_colour)
     # neck, head and hair
     draw.rectangle([cx - h * 0.02, y(0.11), cx + h * 0.02, y(0.16)], fill=p.skin)
@@ -358,5 +389,7 @@ def _draw_occluder(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
     else:
         left = bool(rng.random() < 0.5)
         edge = rng.uniform(0.15, 0.3) * _W
-        draw.rectangle([0, rng.uniform(0, 40), edge, _H] if left else [_W - edge, rng.uniform(0, 40), _W, _H],
-                       fill=colour)
+        draw.rectangle(
+            [0, rng.uniform(0, 40), edge, _H] if left else [_W - edge, rng.uniform(0, 40), _W, _H],
+            fill=colour,
+        )

@@ -78,14 +78,16 @@ def _draw_int(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
 
 def _grid_mm(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
     """Voxel centres in mm, centred on the crop: array of shape (*shape, 3)."""
-    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).astype(np.float32)
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
     """A random rotation of up to about 25 degrees in-plane and 15 degrees out of plane."""
-    ax, ay, az = np.radians(rng.uniform(-15, 15)), np.radians(rng.uniform(-15, 15)), np.radians(
-        rng.uniform(-25, 25)
+    ax, ay, az = (
+        np.radians(rng.uniform(-15, 15)),
+        np.radians(rng.uniform(-15, 15)),
+        np.radians(rng.uniform(-25, 25)),
     )
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
@@ -93,15 +95,17 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...],
-                  sigma_mm: float) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], sigma_mm: float
+) -> np.ndarray:
     """Gaussian random field with unit standard deviation and a correlation length of ``sigma_mm``."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape), [sigma_mm / s for s in spacing], mode="wrap")
     return (field / (field.std() + 1e-8)).astype(np.float32)
 
 
-def _tube(rng: np.random.Generator, coords: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, ...]
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _tube(
+    rng: np.random.Generator, coords: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The hippocampus-like tube.
 
     Returns, per voxel: ``rho`` (distance to the centre line over the local radius, with a smooth
@@ -116,11 +120,14 @@ def _tube(rng: np.random.Generator, coords: np.ndarray, shape: tuple[int, ...], 
     centre = rng.uniform(-0.1, 0.1, 3) * np.array(shape) * np.array(spacing)
     tc = np.linspace(0.0, 1.0, _CURVE_POINTS)
     bend, sway = rng.uniform(2.0, 6.0), rng.uniform(-2.0, 2.0)
-    curve = (centre + np.outer(tc - 0.5, u) * length + np.outer(np.sin(np.pi * tc) * bend, v)
-             + np.outer(np.sin(2 * np.pi * tc) * sway, w)).astype(np.float32)
+    curve = (
+        centre
+        + np.outer(tc - 0.5, u) * length
+        + np.outer(np.sin(np.pi * tc) * bend, v)
+        + np.outer(np.sin(2 * np.pi * tc) * sway, w)
+    ).astype(np.float32)
     flat = coords.reshape(-1, 3)
-    d2 = ((flat[:, None, :] - curve[None, :, :]) ** 2).sum(-1)
-    nearest = d2.argmin(1)
+    nearest = (-2.0 * flat @ curve.T + (curve**2).sum(1)).argmin(1)  # |x - c|^2 without the |x|^2 term
     offset = flat - curve[nearest]
     t = tc[nearest]
     r_head, r_tail = rng.uniform(5.0, 7.0), rng.uniform(2.5, 3.5)
@@ -134,8 +141,15 @@ def _tube(rng: np.random.Generator, coords: np.ndarray, shape: tuple[int, ...], 
     return rho.reshape(shape), t.reshape(shape), side.reshape(shape)
 
 
-def _tissue(rng: np.random.Generator, coords: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, ...],
-            rho: np.ndarray, t: np.ndarray, side: np.ndarray) -> np.ndarray:
+def _tissue(
+    rng: np.random.Generator,
+    coords: np.ndarray,
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    rho: np.ndarray,
+    t: np.ndarray,
+    side: np.ndarray,
+) -> np.ndarray:
     """T1-like intensities: bright white matter, grey-matter tube and distractors, dark CSF; then
     partial-volume blur, texture, smooth bias field and Rician noise."""
     white, grey = 1.0, rng.uniform(0.58, 0.68)
@@ -144,8 +158,9 @@ def _tissue(rng: np.random.Generator, coords: np.ndarray, shape: tuple[int, ...]
     margin = rho > 1.5
     folds = _smooth_noise(rng, shape, spacing, 3.0) > rng.uniform(0.5, 0.9)
     rel[folds & margin] = grey + rng.uniform(-0.03, 0.03)
+    half = np.abs(coords.reshape(-1, 3)).max(0)
     for _ in range(int(rng.integers(3, 7))):
-        blob = _ellipsoid(rng, coords) & margin
+        blob = _ellipsoid(rng, coords, half) & margin
         rel[blob] = grey + rng.uniform(-0.05, 0.05)
     crescent = (rho >= 1.0) & (rho < rng.uniform(1.3, 1.5)) & (side > 0) & (t > 0.15)
     rel[crescent] = csf
@@ -161,9 +176,8 @@ def _tissue(rng: np.random.Generator, coords: np.ndarray, shape: tuple[int, ...]
     return noisy.astype(np.float32)
 
 
-def _ellipsoid(rng: np.random.Generator, coords: np.ndarray) -> np.ndarray:
-    """A randomly placed, randomly oriented grey-matter blob of 3-6 mm semi-axes."""
-    half = np.abs(coords.reshape(-1, 3)).max(0)
+def _ellipsoid(rng: np.random.Generator, coords: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """A grey-matter blob of 3-6 mm semi-axes, randomly oriented, centred anywhere within ``half``."""
     centre = rng.uniform(-half, half)
     axes = rng.uniform(3.0, 6.0, 3)
     local = (coords - centre) @ _rotation(rng)
@@ -174,7 +188,7 @@ def _bias_field(rng: np.random.Generator, coords: np.ndarray) -> np.ndarray:
     """Smooth second-order polynomial field in [-1, 1] over normalised coordinates."""
     x = coords / np.abs(coords.reshape(-1, 3)).max(0)
     terms = [x[..., 0], x[..., 1], x[..., 2], x[..., 0] * x[..., 1], x[..., 1] * x[..., 2], x[..., 0] ** 2]
-    field = sum(c * term for c, term in zip(rng.uniform(-1, 1, len(terms)), terms))
+    field = sum(c * term for c, term in zip(rng.uniform(-1, 1, len(terms)), terms, strict=True))
     return field / (np.abs(field).max() + 1e-8)
 
 
