@@ -20,6 +20,7 @@ JUNK_PID = -1
 """Gallery items with this identity are ignored by the retrieval protocol (Market-1501 "junk")."""
 
 _CHUNK_ELEMENTS = 1 << 22  # distance-matrix entries processed at once by ``retrieval_scores``
+_TSNE_THREADED_FROM = 5000  # smaller t-SNE runs single-threaded: OpenMP start-up and contention dominate
 
 
 # --------------------------------------------------------------------------- features
@@ -327,21 +328,26 @@ def embedding_map(features: np.ndarray, labels: Sequence, out_png: Path, method:
     ``size_px`` x ``size_px`` PNG.
 
     ``tsne``: scikit-learn ``TSNE(init="pca", random_state=0)`` with perplexity
-    ``min(30, (n - 1) / 3)`` (it must stay below n); ``pca``: the first two principal components.
-    Colours cycle through ``tab20``; a legend is drawn only for at most 20 labels.
+    ``min(30, (n - 1) / 3)`` (it must stay below n), single-threaded below 5000 points (OpenMP
+    start-up and contention cost more than they save there); ``pca``: the first two principal
+    components.
+    Colours cycle through ``tab20``; a legend is drawn only for at most 20 labels. Rendered by Agg
+    through a bare ``matplotlib.figure.Figure`` (no pyplot state, no display needed).
     """
     import matplotlib
     from matplotlib.figure import Figure
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     x = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
     if len(x) != len(labels) or len(x) < 4:
         raise ValueError(f"embedding_map: need >= 4 features with one label each, "
                          f"got {len(x)} and {len(labels)}")
     if method == "tsne":
-        xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=min(30.0, (len(x) - 1) / 3)
-                  ).fit_transform(x)
+        tsne = TSNE(n_components=2, init="pca", random_state=0, perplexity=min(30.0, (len(x) - 1) / 3))
+        with threadpool_limits(1 if len(x) < _TSNE_THREADED_FROM else None):
+            xy = tsne.fit_transform(x)
     elif method == "pca":
         xy = PCA(n_components=2, random_state=0).fit_transform(x)
     else:
