@@ -28,14 +28,17 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
+    """Method and head sizes; a value left as null takes the method's paper default
+    (``pretrain.methods.PAPER_DEFAULTS``)."""
+
     name: Literal["simclr", "moco", "byol", "simsiam"] = "simclr"
-    temperature: float = 0.1
-    proj_hidden: int = 2048
-    proj_out: int = 128
-    pred_hidden: int = 512
-    queue_size: int = 4096  # MoCo
-    momentum: float = 0.99  # MoCo key encoder
-    tau_base: float = 0.99  # BYOL target EMA at step 0
+    temperature: float | None = None  # SimCLR 0.1, MoCo 0.2
+    proj_hidden: int | None = None
+    proj_out: int | None = None
+    pred_hidden: int | None = None  # BYOL, SimSiam
+    queue_size: int | None = None  # MoCo
+    momentum: float | None = None  # MoCo key encoder
+    tau_base: float | None = None  # BYOL target EMA at step 0
 
 
 @dataclass

@@ -6,8 +6,9 @@ Wrap the *method* (not only its encoder) in DDP so that one forward computes the
     method = nn.SyncBatchNorm.convert_sync_batchnorm(method)  # optional SyncBN, CUDA/NCCL only
     ddp = DistributedDataParallel(method, device_ids=[local_rank], forward_sync_buffers=False)
 
-SyncBN makes BN statistics global (as in SimCLR's large-batch training and MoCo v3) and the
-run's result independent of the number of GPUs; without it each GPU normalises its own sub-batch.
+SyncBN normalises with the statistics of the global batch (as SimCLR's large-batch training and
+MoCo v3 do); without it each GPU normalises its own sub-batch, which also lets MoCo's queries and
+keys "cheat" through per-GPU statistics (shuffle-BN is not implemented).
 ``forward_sync_buffers=False`` (formerly ``broadcast_buffers=False``) avoids re-sending MoCo's queue,
 identical on all ranks by construction, from rank 0 at every forward; buffers are still synced when
 DDP is constructed.

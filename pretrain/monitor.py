@@ -54,7 +54,8 @@ def monitor_encoder(cfg: PretrainConfig, encoder: nn.Module, device: torch.devic
                                         np.array([r.camid for r in market.gallery]))
     knn = weighted_knn_accuracy(g, g_pids, q, q_pids, k=cfg.train.knn_k,
                                 temperature=cfg.train.knn_temperature)
-    result = {"rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]), "mAP": float(mean_ap), "knn_top1": float(knn)}
+    result = {"rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]), "mAP": float(mean_ap),
+              "knn_top1": float(knn)}
     if plot_dir is not None:
         (plot_dir / "monitor.json").write_text(json.dumps(result, indent=2) + "\n")
         keep = np.isin(q_pids, np.unique(q_pids)[:30])

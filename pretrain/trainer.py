@@ -220,8 +220,10 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
         set_rng_state(state["rng"])
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
     if world > 1:
+        # Buffers (MoCo's queue, BN statistics) are kept per rank: the queue is identical on every rank
+        # by construction, and BN statistics are synchronised only with model.sync_bn.
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     method = _unwrap(model)
 
     if is_main:

@@ -29,6 +29,7 @@ def test_nt_xent_by_hand():
 def test_nt_xent_all_equal_is_log_of_candidates():
     z = torch.ones(3, 4)
     assert nt_xent(z, z, temperature=0.1).item() == pytest.approx(math.log(2 * 3 - 1), rel=1e-6)
+    assert nt_xent(z.double(), z.double()).dtype == torch.float64  # float64 is kept
 
 
 def test_nt_xent_invariances():
@@ -63,13 +64,28 @@ def test_nt_xent_distributed_form_matches_full_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_nt_xent_low_precision(dtype):
+def test_low_precision_inputs_and_autocast(dtype):
     g = torch.Generator().manual_seed(2)
     z1, z2 = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
-    for t in (0.1, 0.02):  # 1/T = 50: a -1e9 style mask would overflow in fp16, -inf does not
+    queue = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=1)
+    for t in (0.1, 0.02):  # 1/T = 50
         low = nt_xent(z1.to(dtype), z2.to(dtype), temperature=t)
-        assert torch.isfinite(low)
-        assert low.float().item() == pytest.approx(nt_xent(z1, z2, temperature=t).item(), rel=3e-2)
+        assert low.dtype == torch.float32 and torch.isfinite(low)
+        assert low.item() == pytest.approx(nt_xent(z1, z2, temperature=t).item(), rel=1e-2)
+    a, b = z1.to(dtype).requires_grad_(), z2.to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # losses opt out of autocast: full precision
+        for loss, args in [
+            (nt_xent, (a, b)),
+            (info_nce, (a, b, queue)),
+            (byol_loss, (a, b)),
+            (simsiam_loss, (a, b)),
+        ]:
+            value = loss(*args)
+            assert value.dtype == torch.float32
+            expected = loss(*(x.detach().float() for x in args))
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+            value.backward()
+            assert a.grad.dtype == dtype and torch.isfinite(a.grad).all()
 
 
 def test_nt_xent_gradients_reach_both_views():
