@@ -1,5 +1,6 @@
-"""Synthetic data generators: layouts, contents, determinism, refusal to overwrite, and that the
-data are neither trivial (threshold, mean colour) nor unlearnable."""
+"""Synthetic data generators: layouts, contents, determinism, refusal to overwrite, and that the data
+are not trivially solvable (intensity threshold, mean colour) while carrying the signal (one coherent
+labelled structure, identity in the colour layout)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,16 @@ def test_msd_layout_and_headers(synth_msd: Path) -> None:
         assert set(np.unique(np.asanyarray(label.dataobj))) == {0, 1, 2}
         assert (synth_msd / entry["image"]).read_bytes()[4:8] == b"\0\0\0\0"  # gzip mtime 0
     assert len(z_spacings) > 3  # slice thickness varies per case
+
+
+@pytest.mark.realdata
+def test_msd_json_matches_the_real_task04_file(synth_msd: Path, shared_data: Path) -> None:
+    real = json.loads((shared_data / "Task04_Hippocampus" / "dataset.json").read_text())
+    synthetic = json.loads((synth_msd / "dataset.json").read_text())
+    assert set(synthetic) == set(real)
+    for key in ("tensorImageSize", "modality", "labels"):
+        assert synthetic[key] == real[key]
+    assert set(synthetic["training"][0]) == set(real["training"][0])
 
 
 def test_msd_reads_with_the_msd_reader(synth_msd: Path) -> None:

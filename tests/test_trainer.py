@@ -21,12 +21,12 @@ from twinview.config import load_config
 
 
 def tiny_overrides(data: Path, run: Path, kind: str = "market1501") -> list[str]:
-    views, size, channels = {"market1501": ("reid", "[32,16]", 3), "msd_slices": ("mri", "[16,16]", 1),
+    views, size, channels = {"market1501": ("reid", "[16,8]", 3), "msd_slices": ("mri", "[16,16]", 1),
                              "msd_3d": ("mri", "[16,16,16]", 1)}[kind]
     return [f"out_dir={run}", f"data.path={data}", f"data.kind={kind}", f"data.views={views}",
             f"data.size={size}", f"data.channels={channels}", "model.small_stem=true",
             "method.proj_hidden=64", "method.proj_out=32", "method.pred_hidden=32", "method.queue_size=64",
-            "train.batch_size=8", "train.epochs=2", "train.progress=false", "train.ckpt_every_steps=3",
+            "train.batch_size=16", "train.epochs=2", "train.progress=false", "train.ckpt_every_steps=3",
             "train.log_every_steps=1", "train.knn_every_epochs=0", "train.keep_last=2"]
 
 
@@ -52,7 +52,7 @@ def test_a_run_writes_checkpoints_logs_plots_and_encoder(synth_market: Path, tmp
     saved = torch.load(result.encoder_path, weights_only=True)
     encoder = build_encoder("resnet18", in_channels=3, spatial_dims=2, small_stem=True)
     encoder.load_state_dict(saved["encoder"])
-    assert saved["encoder_config"]["preprocessing"]["size"] == [32, 16]
+    assert saved["encoder_config"]["preprocessing"]["size"] == [16, 8]
     assert 0.0 <= result.monitor["rank1"] <= 1.0 and (run / "embedding_map.png").exists()
 
 
@@ -130,12 +130,12 @@ def _cli(*args: str) -> list[str]:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(synth_market: Path, tmp_path: Path) -> None:
     from twinview.data.market1501 import read_market1501
 
-    steps_per_epoch = len(read_market1501(synth_market).train) // 8
+    steps_per_epoch = len(read_market1501(synth_market).train) // 16
     assert steps_per_epoch >= 4
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Checkpoints every steps_per_epoch + 1 steps fall inside an epoch, never on its boundary.
     overrides = [*tiny_overrides(synth_market, tmp_path / "killed"), "train.deterministic=true",
-                 "train.epochs=4", "train.amp=fp32", f"train.ckpt_every_steps={steps_per_epoch + 1}"]
+                 "train.epochs=3", "train.amp=fp32", f"train.ckpt_every_steps={steps_per_epoch + 1}"]
     args = [a for o in overrides for a in ("--set", o)]
     killed = subprocess.Popen(_cli(*args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
@@ -160,5 +160,5 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(synth_market: P
     assert all(torch.equal(a[k], b[k]) for k in a)
     final_a = load_checkpoint(list_checkpoints(tmp_path / "killed")[-1])
     final_b = load_checkpoint(list_checkpoints(tmp_path / "straight")[-1])
-    assert final_a["step"] == final_b["step"] == 4 * steps_per_epoch
+    assert final_a["step"] == final_b["step"] == 3 * steps_per_epoch
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_b["model"])

@@ -102,10 +102,8 @@ def write_market(out: Path, seed: int, size: str) -> dict[str, object]:
     cfg = _SIZES[size]
     rng = np.random.default_rng(seed)
     cameras = [_camera(rng) for _ in range(N_CAMERAS)]
-    pids = np.sort(rng.choice(np.arange(1, 1502), cfg.train_ids + cfg.test_ids, replace=False))
-    order = rng.permutation(len(pids))
-    train_pids = sorted(int(p) for p in pids[order[: cfg.train_ids]])
-    test_pids = sorted(int(p) for p in pids[order[cfg.train_ids :]])
+    pids = [int(p) for p in rng.choice(np.arange(1, 1502), cfg.train_ids + cfg.test_ids, replace=False)]
+    train_pids, test_pids = sorted(pids[: cfg.train_ids]), sorted(pids[cfg.train_ids :])
     names: set[str] = set()
     counts = {"train_images": 0, "query_images": 0, "gallery_images": 0}
     for split in ("bounding_box_train", "query", "bounding_box_test"):
@@ -124,9 +122,8 @@ def write_market(out: Path, seed: int, size: str) -> dict[str, object]:
                 counts["query_images" if i == query else "gallery_images"] += 1
     for pid, n in ((0, cfg.distractors), (-1, cfg.junk)):
         for _ in range(n):
-            shot = _Shot(
-                pid, int(rng.integers(1, N_CAMERAS + 1)), _identity(rng), "front", bool(rng.random() < 0.5)
-            )
+            cam = int(rng.integers(1, N_CAMERAS + 1))
+            shot = _Shot(pid, cam, _identity(rng), "front", bool(rng.random() < 0.5))
             _save(rng, shot, cameras, out / "bounding_box_test", names)
     return {
         "train_ids": len(train_pids),
@@ -146,12 +143,9 @@ def _tracks(rng: np.random.Generator, pid: int, cameras: list[Camera]) -> Iterat
         flip = bool(rng.random() < 0.5)
         shots = []
         for _ in range(int(rng.integers(2, 7))):
-            changed = rng.random() < 0.15  # the person turns between frames
-            shots.append(
-                _Shot(
-                    pid, cam, person, _view(rng, cameras[cam - 1]) if changed else view, flip ^ bool(changed)
-                )
-            )
+            turned = bool(rng.random() < 0.15)  # the person turns between frames
+            shot_view = _view(rng, cameras[cam - 1]) if turned else view
+            shots.append(_Shot(pid, cam, person, shot_view, flip ^ turned))
         yield shots
 
 
@@ -162,8 +156,10 @@ def _view(rng: np.random.Generator, cam: Camera) -> str:
 
 
 def _pick(rng: np.random.Generator, palette: list[RGB], jitter: int = 12) -> RGB:
+    """A palette colour with a little per-draw jitter."""
     base = np.array(palette[int(rng.integers(len(palette)))])
-    return tuple(int(c) for c in np.clip(base + rng.integers(-jitter, jitter + 1, 3), 0, 255))  # type: ignore[return-value]
+    r, g, b = (int(c) for c in np.clip(base + rng.integers(-jitter, jitter + 1, 3), 0, 255))
+    return r, g, b
 
 
 def _identity(rng: np.random.Generator) -> Identity:
@@ -219,8 +215,8 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     elif kind == 2:  # wall with windows
         pattern = ((xx % (2 * period) < period) & (yy % (3 * period) < 2 * period)) * -40.0
     else:  # road with a lane marking
-        pattern = np.abs(xx - w * rng.uniform(0.2, 0.8)) < 6 * 1.0
-        pattern = pattern * 90.0 + yy / h * 30.0
+        lane = np.abs(xx - w * rng.uniform(0.2, 0.8)) < 6
+        pattern = lane * 90.0 + yy / h * 30.0
     shade = ndimage.gaussian_filter(rng.normal(0, 25, (h // 8, w // 8)), 2).repeat(8, 0).repeat(8, 1)
     texture = base + (pattern + shade + rng.normal(0, 6, (h, w)))[..., None]
     return np.clip(texture, 0, 255).astype(np.uint8)
@@ -262,6 +258,21 @@ def _render(rng: np.random.Generator, shot: _Shot, cam: Camera) -> np.ndarray:
     return np.clip(lit + rng.normal(0, cam.noise, lit.shape), 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class _Figure:
+    """Where a person is drawn (canvas pixels): centre, top, height, torso and limb half-widths."""
+
+    cx: float
+    top: float
+    h: float
+    half: float
+    limb: float
+
+    def y(self, fraction: float) -> float:
+        """The canvas row at ``fraction`` of the body height from the top of the head."""
+        return self.top + fraction * self.h
+
+
 def _draw_person(
     draw: ImageDraw.ImageDraw,
     canvas: Image.Image,
@@ -273,91 +284,64 @@ def _draw_person(
     """Draw a walking person, centred with jitter; ``scale`` > 1 crops it (junk boxes show parts)."""
     h = _H * p.stature * scale
     top = _H * (1 - p.stature) / 2 + rng.normal(0, 4) - (h - _H * p.stature) * rng.uniform(0, 1)
-    cx = _W / 2 + rng.normal(0, 4)
     half = h * 0.14 * p.build * (0.65 if view == "side" else 1.0)
-    phase, swing = rng.uniform(-1, 1), rng.uniform(-1, 1)
-
-    def y(f: float) -> float:
-        return top + f * h
-
-    def x(f: float) -> float:
-        return cx + f * h
-
-    limb = h * 0.045
+    fig = _Figure(_W / 2 + rng.normal(0, 4), top, h, half, h * 0.045)
     if p.long_hair and view == "back":
-        draw.rectangle([x(-0.06), y(0.03), x(0.06), y(0.24)], fill=p.hair)
-    if p.bag == "backpack" and view == "front":
-        draw.rectangle([x(-0.1) - half * 0.2, y(0.16), x(0.1) + half * 0.2, y(0.42)], fill=p.bag_colour)
-    # legs and shoes
+        draw.rectangle([fig.cx - h * 0.06, fig.y(0.03), fig.cx + h * 0.06, fig.y(0.24)], fill=p.hair)
+    if p.bag == "backpack" and view == "front":  # seen behind the body
+        draw.rectangle(
+            [fig.cx - half * 1.2, fig.y(0.16), fig.cx + half * 1.2, fig.y(0.42)], fill=p.bag_colour
+        )
+    _draw_legs(draw, p, fig, phase=rng.uniform(-1, 1))
+    _draw_arms(draw, p, fig, swing=rng.uniform(-1, 1))
+    _draw_torso(canvas, p, view, fig)
+    _draw_bag(draw, p, view, fig)
+    _draw_head(draw, p, view, fig)
+
+
+def _draw_legs(draw: ImageDraw.ImageDraw, p: Identity, fig: _Figure, phase: float) -> None:
+    """Legs in stride (``phase`` in [-1, 1]), clothed by trousers, shorts or a skirt, and shoes."""
+    cx, half, limb = fig.cx, fig.half, fig.limb
     for side in (-1, 1):
-        hip, foot = cx + side * half * 0.45, cx + side * (half * 0.35 + phase * h * 0.07)
-        leg = [(hip - limb, y(0.5)), (hip + limb, y(0.5)), (foot + limb, y(0.93)), (foot - limb, y(0.93))]
-        draw.polygon(leg, fill=p.skin if p.lower_kind != "trousers" else p.lower)
+        hip, foot = cx + side * half * 0.45, cx + side * (half * 0.35 + phase * fig.h * 0.07)
+        leg = [
+            (hip - limb, fig.y(0.5)),
+            (hip + limb, fig.y(0.5)),
+            (foot + limb, fig.y(0.93)),
+            (foot - limb, fig.y(0.93)),
+        ]
+        draw.polygon(leg, fill=p.lower if p.lower_kind == "trousers" else p.skin)
         if p.lower_kind == "shorts":
             knee = (hip + foot) / 2
-            draw.polygon([leg[0], leg[1], (knee + limb, y(0.7)), (knee - limb, y(0.7))], fill=p.lower)
-        draw.ellipse([foot - limb * 1.4, y(0.91), foot + limb * 1.6, y(0.97)], fill=p.shoes)
+            draw.polygon([leg[0], leg[1], (knee + limb, fig.y(0.7)), (knee - limb, fig.y(0.7))], fill=p.lower)
+        draw.ellipse([foot - limb * 1.4, fig.y(0.91), foot + limb * 1.6, fig.y(0.97)], fill=p.shoes)
     if p.lower_kind == "skirt":
-        draw.polygon(
-            [
-                (cx - half, y(0.48)),
-                (cx + half, y(0.48)),
-                (cx + half * 1.4, y(0.72)),
-                (cx - half * 1.4, y(0.72)),
-            ],
-            fill=p.lower,
-        )
+        hem = [(cx + half * 1.4, fig.y(0.72)), (cx - half * 1.4, fig.y(0.72))]
+        draw.polygon([(cx - half, fig.y(0.48)), (cx + half, fig.y(0.48)), *hem], fill=p.lower)
     else:
-        draw.rectangle([cx - half, y(0.47), cx + half, y(0.56)], fill=p.lower)
-    # arms (sleeve then skin), swinging opposite to the legs
+        draw.rectangle([cx - half, fig.y(0.47), cx + half, fig.y(0.56)], fill=p.lower)
+
+
+def _draw_arms(draw: ImageDraw.ImageDraw, p: Identity, fig: _Figure, swing: float) -> None:
+    """Arms swinging by ``swing`` in [-1, 1]: skin, then the sleeve (short or long), and a hand bag."""
+    cx, half, limb = fig.cx, fig.half, fig.limb
     for side in (-1, 1):
-        sh, hand = cx + side * half * 1.05, cx + side * half * 1.2 - side * swing * h * 0.04
-        arm = [(sh - limb, y(0.16)), (sh + limb, y(0.16)), (hand + limb, y(0.5)), (hand - limb, y(0.5))]
-        draw.polygon(arm, fill=p.skin)
-        elbow = (sh + hand) / 2 if p.short_sleeves else hand
-        cuff = y(0.27) if p.short_sleeves else y(0.47)
-        draw.polygon([arm[0], arm[1], (elbow + limb, cuff), (elbow - limb, cuff)], fill=p.upper)
+        shoulder, hand = cx + side * half * 1.05, cx + side * half * 1.2 - side * swing * fig.h * 0.04
+        arm = [(shoulder - limb, fig.y(0.16)), (shoulder + limb, fig.y(0.16))]
+        draw.polygon([*arm, (hand + limb, fig.y(0.5)), (hand - limb, fig.y(0.5))], fill=p.skin)
+        cuff_x = (shoulder + hand) / 2 if p.short_sleeves else hand
+        cuff_y = fig.y(0.27) if p.short_sleeves else fig.y(0.47)
+        draw.polygon([*arm, (cuff_x + limb, cuff_y), (cuff_x - limb, cuff_y)], fill=p.upper)
         if p.bag == "hand" and side == 1:
-            draw.rectangle([hand - limb * 1.5, y(0.47), hand + limb * 1.8, y(0.6)], fill=p.bag_colour)
-    _draw_torso(canvas, p, view, (cx - half, y(0.15), cx + half, y(0.5)), h)
-    if p.bag == "backpack" and view != "front":
-        w = half * (0.8 if view == "back" else 0.5)
-        off = 0 if view == "back" else -half * 0.9
-        draw.rounded_rectangle(
-            [cx + off - w, y(0.17), cx + off + w, y(0.43)], radius=h * 0.02, fill=p.bag_colour
-        )
-    elif p.bag == "backpack":
-        for side in (-1, 1):
-            draw.line(
-                [(cx + side * half * 0.6, y(0.15)), (cx + side * half * 0.55, y(0.38))],
-                fill=p.bag_colour,
-                width=max(2, int(h * 0.015)),
-            )
-    if p.bag == "shoulder":
-        draw.line(
-            [(cx - half * 0.8, y(0.15)), (cx + half, y(0.44))],
-            fill=p.bag_colour,
-            width=max(2, int(h * 0.012)),
-        )
-        draw.rectangle([cx + half * 0.8, y(0.4), cx + half * 1.5, y(0.52)], fill=p.bag_colour)
-    # neck, head and hair
-    draw.rectangle([cx - h * 0.02, y(0.11), cx + h * 0.02, y(0.16)], fill=p.skin)
-    hr = h * 0.058
-    head = [cx - hr, y(0.005), cx + hr, y(0.005) + 2.2 * hr]
-    draw.ellipse(head, fill=p.hair if view == "back" else p.skin)
-    if view != "back":
-        draw.chord([head[0], head[1], head[2], head[3] - hr * 0.8], 180, 360, fill=p.hair)
-        if p.long_hair:
-            draw.rectangle([cx - hr * 1.05, y(0.04), cx - hr * 0.7, y(0.2)], fill=p.hair)
-            draw.rectangle([cx + hr * 0.7, y(0.04), cx + hr * 1.05, y(0.2)], fill=p.hair)
+            draw.rectangle([hand - limb * 1.5, fig.y(0.47), hand + limb * 1.8, fig.y(0.6)], fill=p.bag_colour)
 
 
-def _draw_torso(canvas: Image.Image, p: Identity, view: str, box: tuple[float, ...], h: float) -> None:
+def _draw_torso(canvas: Image.Image, p: Identity, view: str, fig: _Figure) -> None:
     """Paste the patterned upper body through a trapezoid mask; the chest logo only shows from the front."""
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    tw, th = max(x1 - x0, 2), max(y1 - y0, 2)
+    x0, y0 = round(fig.cx - fig.half), round(fig.y(0.15))
+    tw, th = max(round(fig.cx + fig.half) - x0, 2), max(round(fig.y(0.5)) - y0, 2)
     yy, xx = np.mgrid[0:th, 0:tw]
-    period = max(int(h * 0.035), 3)
+    period = max(int(fig.h * 0.035), 3)
     accent = {
         "plain": np.zeros((th, tw), bool),
         "hstripes": (yy // period) % 2 == 1,
@@ -371,6 +355,37 @@ def _draw_torso(canvas: Image.Image, p: Identity, view: str, box: tuple[float, .
     inset = tw * 0.08
     ImageDraw.Draw(mask).polygon([(0, 0), (tw - 1, 0), (tw - 1 - inset, th - 1), (inset, th - 1)], fill=255)
     canvas.paste(Image.fromarray(colours), (x0, y0), mask)
+
+
+def _draw_bag(draw: ImageDraw.ImageDraw, p: Identity, view: str, fig: _Figure) -> None:
+    """Backpack (whole from the back or side, straps from the front) or shoulder bag with its strap."""
+    cx, half = fig.cx, fig.half
+    strap = max(2, int(fig.h * 0.015))
+    if p.bag == "backpack" and view == "front":
+        for side in (-1, 1):
+            top, bottom = (cx + side * half * 0.6, fig.y(0.15)), (cx + side * half * 0.55, fig.y(0.38))
+            draw.line([top, bottom], fill=p.bag_colour, width=strap)
+    elif p.bag == "backpack":
+        w = half * (0.8 if view == "back" else 0.5)
+        off = 0 if view == "back" else -half * 0.9
+        box = [cx + off - w, fig.y(0.17), cx + off + w, fig.y(0.43)]
+        draw.rounded_rectangle(box, radius=fig.h * 0.02, fill=p.bag_colour)
+    elif p.bag == "shoulder":
+        draw.line([(cx - half * 0.8, fig.y(0.15)), (cx + half, fig.y(0.44))], fill=p.bag_colour, width=strap)
+        draw.rectangle([cx + half * 0.8, fig.y(0.4), cx + half * 1.5, fig.y(0.52)], fill=p.bag_colour)
+
+
+def _draw_head(draw: ImageDraw.ImageDraw, p: Identity, view: str, fig: _Figure) -> None:
+    """Neck and head: from the front a face under a hair cap (long hair at the sides), from the back hair."""
+    cx, r = fig.cx, fig.h * 0.058
+    draw.rectangle([cx - fig.h * 0.02, fig.y(0.11), cx + fig.h * 0.02, fig.y(0.16)], fill=p.skin)
+    head = [cx - r, fig.y(0.005), cx + r, fig.y(0.005) + 2.2 * r]
+    draw.ellipse(head, fill=p.hair if view == "back" else p.skin)
+    if view != "back":
+        draw.chord([head[0], head[1], head[2], head[3] - r * 0.8], 180, 360, fill=p.hair)
+        if p.long_hair:
+            draw.rectangle([cx - r * 1.05, fig.y(0.04), cx - r * 0.7, fig.y(0.2)], fill=p.hair)
+            draw.rectangle([cx + r * 0.7, fig.y(0.04), cx + r * 1.05, fig.y(0.2)], fill=p.hair)
 
 
 def _draw_occluder(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:

@@ -44,7 +44,7 @@ def write_msd(out: Path, seed: int, size: str) -> dict[str, object]:
     names = [f"{_PREFIX}_{i:03d}.nii.gz" for i in range(1, cfg.n_train + cfg.n_test + 1)]
     z_spacings = []
     for i, name in enumerate(names):
-        image, label, spacing = make_case(rng, cfg)
+        image, label, spacing = _make_case(rng, cfg)
         z_spacings.append(spacing[2])
         if i < cfg.n_train:
             (out / "imagesTr" / name).write_bytes(_nifti_gz(image, spacing))
@@ -60,7 +60,7 @@ def write_msd(out: Path, seed: int, size: str) -> dict[str, object]:
     }
 
 
-def make_case(rng: np.random.Generator, cfg: _Size) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+def _make_case(rng: np.random.Generator, cfg: _Size) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """One case: float32 image, uint8 label (0, 1, 2) and voxel spacing in mm."""
     shape = (_draw_int(rng, cfg.xz), _draw_int(rng, cfg.y), _draw_int(rng, cfg.xz))
     spacing = (1.0, 1.0, round(float(rng.uniform(1.2, 3.0)), 2))
@@ -130,7 +130,7 @@ def _tube(
     nearest = (-2.0 * flat @ curve.T + (curve**2).sum(1)).argmin(1)  # |x - c|^2 without the |x|^2 term
     offset = flat - curve[nearest]
     t = tc[nearest]
-    r_head, r_tail = rng.uniform(5.0, 7.0), rng.uniform(2.5, 3.5)
+    r_head, r_tail = rng.uniform(0.13, 0.18) * extent_y, rng.uniform(0.065, 0.09) * extent_y
     radius = r_tail + (r_head - r_tail) * (1.0 - t) ** 1.3
     flatten = rng.uniform(0.75, 0.95)  # cross-section is an ellipse, flatter along w
     du, dv, dw = offset @ u, offset @ v, offset @ w

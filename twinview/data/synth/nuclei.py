@@ -1,12 +1,13 @@
 """Synthetic microscopy images of cell nuclei in the 2018 Data Science Bowl (DSB2018) layout.
 
 Each sample is ``<id>/images/<id>.png`` with one binary (0/255, single-channel) PNG per nucleus in
-``<id>/masks/<id>_<k>.png``, as in the released stage-1 data. Nuclei are ellipses with irregular,
-wavy outlines, varied size, brightness and inner texture; many lie alone, many touch a neighbour and a
-few overlap one (their masks share pixels, which the real annotations never do: the real masks were
-made non-overlapping). Three styles mimic the main DSB modalities: fluorescence (bright on dark, grey,
-RGBA as most real fluorescence files), brightfield (dark blue-violet on light) and H&E-like histology
-(purple on textured pink), both RGB. Images get optical blur, uneven illumination and noise.
+``<id>/masks/<id>_<k>.png``, named as in the shared stage-1 test copy. Nuclei are ellipses with
+irregular, wavy outlines, varied size, brightness and inner texture; many lie alone, many touch a
+neighbour (separate masks with a shared border) and a few overlap one: their masks share pixels, which
+the real annotations never do, so that overlap handling gets exercised. Three styles mimic the main DSB
+modalities: fluorescence (bright grey on dark, RGBA with a constant alpha as many real files),
+brightfield (dark blue-violet on light) and H&E-like histology (purple on textured pink), both RGB.
+Images get optical blur, uneven illumination and noise.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def write_nuclei(out: Path, seed: int, size: str) -> dict[str, object]:
     n_nuclei = n_overlapping = 0
     for i in range(cfg.n_images):
         sample_id = hashlib.sha256(f"twinview-synth-nuclei-{seed}-{i}".encode()).hexdigest()
-        masks, overlaps = place_nuclei(rng, cfg.side)
-        image = render(rng, masks, STYLES[i % len(STYLES)], cfg.side)
+        masks, overlaps = _place_nuclei(rng, cfg.side)
+        image = _render(rng, masks, STYLES[i % len(STYLES)], cfg.side)
         (out / sample_id / "images").mkdir(parents=True)
         (out / sample_id / "masks").mkdir()
         Image.fromarray(image).save(out / sample_id / "images" / f"{sample_id}.png")
@@ -60,7 +61,7 @@ def write_nuclei(out: Path, seed: int, size: str) -> dict[str, object]:
     }
 
 
-def place_nuclei(rng: np.random.Generator, side: int) -> tuple[list[np.ndarray], int]:
+def _place_nuclei(rng: np.random.Generator, side: int) -> tuple[list[np.ndarray], int]:
     """Boolean masks of the nuclei in one image and the number of overlapping pairs.
 
     A candidate is either free (kept only if it touches nothing), touching (placed against a
@@ -144,7 +145,7 @@ def _connected(mask: np.ndarray) -> bool:
     return ndimage.label(mask)[1] == 1
 
 
-def render(rng: np.random.Generator, masks: list[np.ndarray], style: str, side: int) -> np.ndarray:
+def _render(rng: np.random.Generator, masks: list[np.ndarray], style: str, side: int) -> np.ndarray:
     """Image of the nuclei in ``style``: RGBA uint8 for fluorescence, RGB uint8 for the others."""
     texture = 1 + 0.2 * _smooth(rng, side, 1.5)
     stain = np.zeros((side, side), np.float32)
