@@ -30,15 +30,15 @@ DEFAULTS = ["data.size=[64,32]", "data.workers=0", "train.batch_size=128", "trai
 
 def score(cfg, encoder: torch.nn.Module) -> dict[str, float]:  # noqa: ANN001
     from pretrain.evaluation import extract_features, pairwise_distance, retrieval_scores
-    from pretrain.monitor import _batches
+    from pretrain.monitor import image_batches
     from pretrain.views import eval_transform
     from twinview.data.market1501 import read_market1501
 
     market = read_market1501(Path(cfg.data.path))
     transform = eval_transform(cfg.data.views, tuple(cfg.data.size))
     device = torch.device("cpu")
-    q = extract_features(encoder, _batches([r.path for r in market.query], transform), device)
-    g = extract_features(encoder, _batches([r.path for r in market.gallery], transform), device)
+    q = extract_features(encoder, image_batches([r.path for r in market.query], transform), device)
+    g = extract_features(encoder, image_batches([r.path for r in market.gallery], transform), device)
     s = retrieval_scores(pairwise_distance(q, g), np.array([r.pid for r in market.query]),
                          np.array([r.pid for r in market.gallery]), np.array([r.camid for r in market.query]),
                          np.array([r.camid for r in market.gallery]))

@@ -28,7 +28,7 @@ from pretrain.evaluation import (
 from pretrain.views import eval_transform
 
 
-def _batches(paths: Sequence[Path], transform, batch_size: int = 128) -> Iterator[torch.Tensor]:  # noqa: ANN001
+def image_batches(paths: Sequence[Path], transform, batch_size: int = 128) -> Iterator[torch.Tensor]:  # noqa: ANN001
     from twinview.data.images import load_image
 
     for i in range(0, len(paths), batch_size):
@@ -45,8 +45,10 @@ def monitor_encoder(cfg: PretrainConfig, encoder: nn.Module, device: torch.devic
 
     market = read_market1501(Path(cfg.data.path))
     transform = eval_transform(cfg.data.views, tuple(cfg.data.size), spatial_dims=2)
-    q = extract_features(encoder, _batches([r.path for r in market.query], transform), device, amp_dtype)
-    g = extract_features(encoder, _batches([r.path for r in market.gallery], transform), device, amp_dtype)
+    q = extract_features(encoder, image_batches([r.path for r in market.query], transform), device,
+                         amp_dtype)
+    g = extract_features(encoder, image_batches([r.path for r in market.gallery], transform), device,
+                         amp_dtype)
     q_pids = np.array([r.pid for r in market.query])
     g_pids = np.array([r.pid for r in market.gallery])
     cmc, mean_ap, _ = retrieval_metrics(pairwise_distance(q, g, metric="cosine"), q_pids, g_pids,
