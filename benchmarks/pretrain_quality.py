@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULTS = ["data.size=[64,32]", "data.workers=0", "train.batch_size=128", "train.epochs=20",
+DEFAULTS = ["data.size=[64,32]", "data.workers=1", "train.batch_size=128", "train.epochs=8",
             "train.knn_every_epochs=0", "train.ckpt_every_steps=50", "optim.warmup_epochs=2"]
 
 
