@@ -162,3 +162,21 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(synth_market: P
     final_b = load_checkpoint(list_checkpoints(tmp_path / "straight")[-1])
     assert final_a["step"] == final_b["step"] == 3 * steps_per_epoch
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_b["model"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_share_one_run(synth_market: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    overrides = [*tiny_overrides(synth_market, run), "method.name=moco", "method.queue_size=256",
+                 "train.max_steps=3", "train.amp=fp32"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "twinview", "pretrain", *[a for o in overrides for a in ("--set", o)]]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpts = list_checkpoints(run)
+    assert ckpts[-1].name == "ckpt-00000003.pt"  # one writer: rank 0
+    state = load_checkpoint(ckpts[-1])
+    # Each step enqueues the keys of both views from both ranks: 3 steps x 2 views x 16 x 2 ranks.
+    assert int(state["model"]["queue_ptr"]) == (3 * 2 * 16 * 2) % 256
+    with (run / "metrics.csv").open() as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2, 3]

@@ -55,7 +55,7 @@ def _cmd_views(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from twinview.demo import run_demo
 
-    return run_demo(Path(args.out), seed=args.seed)
+    return run_demo(Path(args.out), seed=args.seed, quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Generate synthetic data and run every stage of twinview on it.")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="results folder")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true",
+                      help="small data, one epoch: checks that every stage runs (used by the slow tests)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -20,12 +20,12 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
-def _data_stage(out: Path, seed: int) -> dict[str, Path]:
+def _data_stage(out: Path, seed: int, quick: bool) -> dict[str, Path]:
     from twinview.data.inspect import inspect_path
     from twinview.data.synth import generate
 
     paths = {}
-    for kind, size in (("market", "medium"), ("msd", "small"), ("nuclei", "small")):
+    for kind, size in (("market", "small" if quick else "medium"), ("msd", "small"), ("nuclei", "small")):
         path = out / "data" / kind
         if not path.exists():
             generate(kind, path, seed=seed, size=size)
@@ -33,13 +33,19 @@ def _data_stage(out: Path, seed: int) -> dict[str, Path]:
         (out / "data" / f"inspect_{kind}.json").write_text(json.dumps(report, indent=2) + "\n")
         if report["problems"]:
             raise RuntimeError(f"{path}: synthetic data has problems: {report['problems'][:3]}")
-        counts = {k: v for k, v in report.items() if isinstance(v, int)}
-        print(f"  {kind:7s} {report['format']:11s} {path}  {counts}")
+        print(f"  {kind:7s} {report['format']:11s} {path}  {_counts(report)}")
         paths[kind] = path
     return paths
 
 
-def _pretrain_stage(out: Path, market: Path, seed: int) -> dict:
+def _counts(report: dict) -> str:
+    if "splits" in report:
+        splits = report["splits"].items()
+        return ", ".join(f"{name}: {s['images']} images of {s['ids']} ids" for name, s in splits)
+    return ", ".join(f"{k}: {v}" for k, v in report.items() if isinstance(v, int))
+
+
+def _pretrain_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
     import torch
 
     from pretrain.checkpoint import latest_checkpoint
@@ -50,7 +56,8 @@ def _pretrain_stage(out: Path, market: Path, seed: int) -> dict:
 
     run_dir = out / "pretrain_simclr"
     cfg = load_config(PretrainConfig, REPO / "configs/pretrain/demo_market_simclr.yaml",
-                      [f"out_dir={run_dir}", f"data.path={market}", f"train.seed={seed}"])
+                      [f"out_dir={run_dir}", f"data.path={market}", f"train.seed={seed}",
+                       *(["train.epochs=1", "train.progress=false"] if quick else [])])
     result = run_pretraining(cfg, resume=run_dir if latest_checkpoint(run_dir) else None)
     torch.manual_seed(seed)
     random_encoder = build_model(cfg, spatial_dims=2).encoder
@@ -67,13 +74,14 @@ def _pretrain_stage(out: Path, market: Path, seed: int) -> dict:
     return summary
 
 
-def run_demo(out: Path, seed: int = 0) -> int:
+def run_demo(out: Path, seed: int = 0, quick: bool = False) -> int:
+    """Run every stage into ``out``; ``quick`` shrinks data and training to a smoke test (CI)."""
     out.mkdir(parents=True, exist_ok=True)
     start = _stage("1/2 synthetic data (Market-1501, MSD and DSB2018 layouts), checked by inspect")
-    paths = _data_stage(out, seed)
+    paths = _data_stage(out, seed, quick)
     print(f"  done in {time.perf_counter() - start:.0f} s")
     start = _stage("2/2 SimCLR pretraining on the synthetic crops, no labels")
-    _pretrain_stage(out, paths["market"], seed)
+    _pretrain_stage(out, paths["market"], seed, quick)
     print(f"  done in {time.perf_counter() - start:.0f} s")
     print(f"\nResults are in {out.resolve()}:\n"
           f"  data/                    synthetic data sets and their inspect reports\n"

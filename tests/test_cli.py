@@ -1,0 +1,98 @@
+"""The ``twinview`` command: help, exit codes, JSON output, and the demo end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from twinview.cli import main
+
+SUBCOMMANDS = (["data"], ["data", "inspect"], ["data", "synth"], ["pretrain"], ["views"], ["demo"])
+
+
+def test_help_lists_every_subcommand() -> None:
+    out = subprocess.run([sys.executable, "-m", "twinview", "--help"], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    for name in ("data", "pretrain", "views", "demo"):
+        assert f"    {name}" in out
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
+def test_each_subcommand_has_help(words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*words, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: twinview {' '.join(words)}" in capsys.readouterr().out
+
+
+def test_inspect_prints_json_and_exits_0_on_good_data(synth_market: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "inspect", str(synth_market)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "market1501" and report["problems"] == []
+    assert report["splits"]["query"]["ids"] > 0
+
+
+def test_inspect_exits_1_and_lists_a_truncated_file(synth_market: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "market"
+    shutil.copytree(synth_market, copy)
+    victim = sorted((copy / "query").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    assert main(["data", "inspect", str(copy)]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert [p["file"] for p in problems] == [str(victim)]
+
+
+def test_inspect_exits_2_with_a_message_on_an_empty_folder(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twinview: error: ") and str(tmp_path) in err
+
+
+def test_synth_writes_then_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "synth", "nuclei", "--out", str(tmp_path / "n"), "--seed", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "nuclei" and summary["seed"] == 3
+    before = sorted(p.name for p in (tmp_path / "n").iterdir())
+    assert main(["data", "synth", "nuclei", "--out", str(tmp_path / "n")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "n").iterdir()) == before
+
+
+def test_views_writes_a_png_grid(synth_market: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    assert main(["views", "reid", str(synth_market), "--out", str(out), "--samples", "2"]) == 0
+    width, height = Image.open(out).size
+    assert height == 2 * 128 and width > height
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name, fmt", [("Market-1501-mini", "market1501"), ("Task04_Hippocampus", "msd"),
+                                       ("dsb2018-nuclei", "dsb2018")])
+def test_inspect_reports_the_real_data(name: str, fmt: str, shared_data: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "inspect", str(shared_data / name)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == fmt and report["problems"] == []
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_quickly(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "twinview", "demo", "--out", str(out), "--quick"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert set(summary) >= {"pretrained", "random_init"}
+    assert (out / "pretrain_simclr" / "encoder.pt").exists()
+    assert (out / "pretrain_simclr" / "loss_curve.png").exists()
+    assert f"Results are in {out.resolve()}" in done.stdout
