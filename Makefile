@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv test test-slow lint demo clean
+.PHONY: venv test test-slow lint demo bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/twinview demo --out $(DEMO_OUT)
+
+# Benchmarks (lightly is a benchmark-only extra); tables land in benchmarks/results/.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/pretrain_throughput.py
+	$(PY) benchmarks/pretrain_quality.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -26,29 +26,25 @@ def shared_data() -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def synth_market(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Small synthetic Market-1501 layout (read-only by convention: tests copy before changing it)."""
+def _synth(kind: str, factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic data set (seed 0), shared by the session: tests copy it before changing it."""
     from twinview.data.synth import generate
 
-    out = tmp_path_factory.mktemp("synth") / "market"
-    generate("market", out, seed=0, size="small")
+    out = factory.mktemp("synth") / kind
+    generate(kind, out, seed=0, size="small")
     return out
+
+
+@pytest.fixture(scope="session")
+def synth_market(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _synth("market", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def synth_msd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from twinview.data.synth import generate
-
-    out = tmp_path_factory.mktemp("synth") / "msd"
-    generate("msd", out, seed=0, size="small")
-    return out
+    return _synth("msd", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def synth_nuclei(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from twinview.data.synth import generate
-
-    out = tmp_path_factory.mktemp("synth") / "nuclei"
-    generate("nuclei", out, seed=0, size="small")
-    return out
+    return _synth("nuclei", tmp_path_factory)
