@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data_sub.add_parser(
         "inspect", help="detect the layout, open every file, print a JSON report",
         description="Detect the layout of PATH (market1501, msd, nifti, dicom, images, dsb2018), open "
-                    "every file and print one JSON object with counts and problems. Exit code 1 "
-                    "when problems were found.")
+                    "every file and print one JSON object with counts and problems. Exit code 0 "
+                    "without problems, 1 when problems were found, 2 when PATH is no readable layout.")
     inspect.add_argument("path", type=Path, help="data folder")
     inspect.add_argument("--pretty", action="store_true", help="indent the JSON")
     inspect.set_defaults(func=_cmd_inspect)
