@@ -24,11 +24,10 @@ Loader = Callable[[], np.ndarray]
 
 @dataclass
 class Samples:
-    """Loaders of the unlabelled samples, plus identity labels and cameras where the data has them."""
+    """Loaders of the unlabelled samples, their names, and whether they are 2D images or 3D volumes."""
 
     loaders: list[Loader]
     names: list[str]
-    labels: list[int] | None = None
     spatial_dims: int = 2
 
 
@@ -83,8 +82,7 @@ def load_samples(cfg: DataConfig) -> Samples:
         from twinview.data.market1501 import read_market1501
 
         train = read_market1501(root).train
-        return Samples([_image_loader(r.path) for r in train], [r.path.name for r in train],
-                       labels=[r.pid for r in train])
+        return Samples([_image_loader(r.path) for r in train], [r.path.name for r in train])
     if kind in ("msd_slices", "msd_3d"):
         return _volume_samples(root, slices=kind == "msd_slices", axis=cfg.slice_axis)
     if kind == "dsb2018":
