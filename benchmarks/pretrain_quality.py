@@ -20,7 +20,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,19 +28,9 @@ DEFAULTS = ["data.size=[64,32]", "data.workers=1", "train.batch_size=128", "trai
 
 
 def score(cfg, encoder: torch.nn.Module) -> dict[str, float]:  # noqa: ANN001
-    from pretrain.evaluation import extract_features, pairwise_distance, retrieval_scores
-    from pretrain.monitor import image_batches
-    from pretrain.views import eval_transform
-    from twinview.data.market1501 import read_market1501
+    from pretrain.monitor import embed_market
 
-    market = read_market1501(Path(cfg.data.path))
-    transform = eval_transform(cfg.data.views, tuple(cfg.data.size))
-    device = torch.device("cpu")
-    q = extract_features(encoder, image_batches([r.path for r in market.query], transform), device)
-    g = extract_features(encoder, image_batches([r.path for r in market.gallery], transform), device)
-    s = retrieval_scores(pairwise_distance(q, g), np.array([r.pid for r in market.query]),
-                         np.array([r.pid for r in market.gallery]), np.array([r.camid for r in market.query]),
-                         np.array([r.camid for r in market.gallery]))
+    s = embed_market(cfg.data, encoder, torch.device("cpu")).scores
     return {"rank1": float(s.cmc[0]), "rank5": float(s.cmc[4]), "mAP": s.mAP, "mINP": s.mINP,
             "queries_scored": s.num_valid, "queries_skipped": s.num_skipped}
 

@@ -7,7 +7,6 @@ that the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pretrain.config import DataConfig
+from pretrain.views import TwoViews
 from twinview.data.errors import DataError
 
 Loader = Callable[[], np.ndarray]
@@ -104,7 +104,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class TwoViewDataset(Dataset):
     """Applies a two-view transform to each sample, with per-item seeding (see module docstring)."""
 
-    def __init__(self, samples: Samples, views: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+    def __init__(self, samples: Samples, views: TwoViews,
                  seed: int) -> None:
         self.samples = samples
         self.views = views
@@ -115,12 +115,7 @@ class TwoViewDataset(Dataset):
         return len(self.samples.loaders)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = sample_seed(self.seed, self.epoch, index)
-        random.seed(s)
-        np.random.seed(s % 2**32)
-        torch.manual_seed(s)
-        if hasattr(self.views, "set_seed"):
-            self.views.set_seed(s % 2**32)
+        self.views.set_seed(sample_seed(self.seed, self.epoch, index))
         return self.views(self.samples.loaders[index]())
 
 
