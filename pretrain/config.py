@@ -17,6 +17,7 @@ class DataConfig:
     channels: int = 3
     workers: int = 0
     slice_axis: int = 2  # for msd_slices: the axis slices are taken along
+    exclude_cases: list[str] = field(default_factory=list)  # MSD case ids left out (a held-out test split)
 
 
 @dataclass

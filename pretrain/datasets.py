@@ -37,8 +37,9 @@ def _image_loader(path: Path) -> Loader:
     return lambda: load_image(path)
 
 
-def _volume_samples(root: Path, slices: bool, axis: int) -> Samples:
-    """MSD images (training and test, labels ignored), as whole volumes or as their 2D slices."""
+def _volume_samples(root: Path, slices: bool, axis: int, exclude: Sequence[str] = ()) -> Samples:
+    """MSD images (training and test, labels ignored, ``exclude`` case ids left out), as whole volumes
+    or as their 2D slices."""
     from twinview.data.msd import read_msd
     from twinview.data.nifti import load_nifti
 
@@ -46,6 +47,8 @@ def _volume_samples(root: Path, slices: bool, axis: int) -> Samples:
     loaders: list[Loader] = []
     names: list[str] = []
     for rec in [*msd.training, *msd.test]:
+        if rec.case_id in exclude:
+            continue
         volume = np.asarray(load_nifti(rec.image)[0], dtype=np.float32)
         if volume.ndim == 4:  # channels last in NIfTI: keep the first modality
             volume = volume[..., 0]
@@ -84,7 +87,8 @@ def load_samples(cfg: DataConfig) -> Samples:
         train = read_market1501(root).train
         return Samples([_image_loader(r.path) for r in train], [r.path.name for r in train])
     if kind in ("msd_slices", "msd_3d"):
-        return _volume_samples(root, slices=kind == "msd_slices", axis=cfg.slice_axis)
+        return _volume_samples(root, slices=kind == "msd_slices", axis=cfg.slice_axis,
+                               exclude=cfg.exclude_cases)
     if kind == "dsb2018":
         from twinview.data.dsb2018 import read_dsb2018
 

@@ -110,11 +110,17 @@ def build_model(cfg: PretrainConfig, spatial_dims: int) -> nn.Module:
                         momentum=m.momentum, tau_base=m.tau_base)
 
 
-class _MetricsLog:
-    """``metrics.csv`` (appended across resumes, rows past the resumed step dropped) and TensorBoard."""
+class MetricsLog:
+    """``metrics.csv`` (appended across resumes, rows past the resumed step dropped) and TensorBoard.
 
-    def __init__(self, run_dir: Path, resume_step: int, enabled: bool) -> None:
+    ``fields`` are the CSV columns (``step`` first); numeric values other than ``step`` and ``epoch``
+    also go to TensorBoard under ``train/<field>``.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool,
+                 fields: list[str] | None = None) -> None:
         self.enabled = enabled
+        self.fields = fields or METRICS_FIELDS
         self.path = run_dir / "metrics.csv"
         if not enabled:
             return
@@ -123,7 +129,7 @@ class _MetricsLog:
             with self.path.open() as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
         with self.path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRICS_FIELDS)
+            writer = csv.DictWriter(fh, fieldnames=self.fields)
             writer.writeheader()
             writer.writerows(rows)
         from torch.utils.tensorboard import SummaryWriter
@@ -134,9 +140,10 @@ class _MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=METRICS_FIELDS).writerow(row)
-        for key in ("loss", "lr", "images_per_s"):
-            self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+            csv.DictWriter(fh, fieldnames=self.fields).writerow(row)
+        for key, value in row.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and value == value:
+                self.tb.add_scalar(f"train/{key}", value, row["step"])
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.enabled:
@@ -147,7 +154,7 @@ class _MetricsLog:
             self.tb.close()
 
 
-def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Path:
+def plot_loss_curve(metrics_csv: Path, out_png: Path, title: str = "pretraining loss") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +168,7 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Path:
     ax.plot(steps, losses, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(f"pretraining loss ({metrics_csv.parent.name})")
+    ax.set_title(f"{title} ({metrics_csv.parent.name})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png)
@@ -173,11 +180,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _progress(total: int, initial: int, enabled: bool):  # noqa: ANN202 - tqdm or a no-op
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "pretrain"):  # noqa: ANN201 - tqdm
+    """A tqdm bar (rate and ETA) over steps; disabled bars cost nothing."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled,
-                desc="pretrain")
+                desc=desc)
 
 
 def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResult:
@@ -241,7 +249,7 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    log = _MetricsLog(run_dir, step, enabled=is_main)
+    log = MetricsLog(run_dir, step, enabled=is_main)
 
     def checkpoint() -> Path | None:
         if not is_main:
@@ -257,7 +265,7 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
 
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
-    bar = _progress(total_steps, step, enabled=t.progress and is_main)
+    bar = progress_bar(total_steps, step, enabled=t.progress and is_main)
     last_loss = math.nan
     monitor: dict[str, float] = {}
     model.train()

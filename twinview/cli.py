@@ -42,6 +42,46 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_seg_train(args: argparse.Namespace) -> int:
+    from downstream.seg.config import SegConfig
+    from downstream.seg.evaluate import load_model, metrics_table
+    from downstream.seg.train import run_segmentation
+    from twinview.config import load_config
+
+    config = args.config
+    if config is None and args.resume is not None:
+        config = args.resume / "config.yaml"
+    overrides = list(args.set)
+    if args.label_fraction is not None:
+        overrides.append(f"data.label_fraction={args.label_fraction}")
+    cfg = load_config(SegConfig, config, overrides)
+    result = run_segmentation(cfg, resume=args.resume)
+    if result.summary:
+        _, meta = load_model(result.model_path)
+        print(metrics_table(result.summary, {int(k): v for k, v in meta["labels"].items()}))
+    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "model": str(result.model_path),
+                      "test": result.summary}, indent=2))
+    return 0
+
+
+def _cmd_seg_predict(args: argparse.Namespace) -> int:
+    from downstream.seg.predict import predict
+
+    rows = predict(args.input, args.model, args.out, overlays=not args.no_overlays, device=args.device)
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+def _cmd_seg_eval(args: argparse.Namespace) -> int:
+    from downstream.seg.predict import evaluate_run
+
+    _, table = evaluate_run(args.model, args.out, data_path=args.data, split=args.split, device=args.device)
+    print(table)
+    print(f"\nper-case metrics: {args.out / 'metrics.csv'}")
+    return 0
+
+
 def _cmd_views(args: argparse.Namespace) -> int:
     from pretrain.view_grid import save_view_grid_from_data
 
@@ -111,6 +151,46 @@ def build_parser() -> argparse.ArgumentParser:
     views.add_argument("--3d", dest="volumes", action="store_true",
                        help="MSD scans as 3D volumes (ct/mri presets) instead of 2D slices")
     views.set_defaults(func=_cmd_views)
+
+    seg = sub.add_parser("seg", help="segmentation: fine-tune, predict, evaluate",
+                         description="Segmentation with a MONAI U-Net fine-tuned from a pretrained encoder.")
+    seg_sub = seg.add_subparsers(dest="seg_command", required=True, metavar="ACTION")
+    seg_train = seg_sub.add_parser(
+        "train", help="fine-tune a segmentation model and evaluate it on the held-out test cases",
+        description="Train on a seeded subset of the labelled cases (data.label_fraction), validate by "
+                    "sliding windows, then evaluate on the fixed test split. The run folder holds "
+                    "config.yaml, split.json, checkpoints, metrics.csv, loss_curve.png, model.pt, "
+                    "test_metrics.csv, summary.json and overlays/.")
+    seg_train.add_argument("--config", type=Path, help="YAML file, e.g. configs/seg/hippocampus2d.yaml")
+    seg_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value, e.g. --set model.encoder_weights=runs/pre "
+                                "(repeatable)")
+    seg_train.add_argument("--label-fraction", type=float, metavar="F",
+                           help="train on this fraction of the labelled cases "
+                                "(same as --set data.label_fraction=F)")
+    seg_train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    seg_train.set_defaults(func=_cmd_seg_train)
+    seg_pred = seg_sub.add_parser(
+        "predict", help="write masks (NIfTI with the input's affine, or PNG) and overlay PNGs",
+        description="Segment INPUT (a NIfTI file, a folder of them, an MSD task folder, or 2D images) with "
+                    "a trained run. Writes <case>.nii.gz (or .png), overlays/<case>.png and volumes.csv "
+                    "(structure volumes in mL from the voxel spacing).")
+    seg_pred.add_argument("input", type=Path)
+    seg_pred.add_argument("--model", type=Path, required=True, metavar="RUN", help="run folder or model.pt")
+    seg_pred.add_argument("--out", type=Path, required=True)
+    seg_pred.add_argument("--no-overlays", action="store_true")
+    seg_pred.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    seg_pred.set_defaults(func=_cmd_seg_predict)
+    seg_eval = seg_sub.add_parser(
+        "eval", help="Dice and HD95 (mm) per structure: print the table, write it as CSV",
+        description="Evaluate a trained run on its own split (--split test|val|train) or on all labelled "
+                    "cases of --data. Writes metrics.csv (per case), metrics.md, summary.json and overlays.")
+    seg_eval.add_argument("--model", type=Path, required=True, metavar="RUN")
+    seg_eval.add_argument("--out", type=Path, required=True)
+    seg_eval.add_argument("--data", help="labelled data folder (default: the run's own data)")
+    seg_eval.add_argument("--split", default="test", choices=("test", "val", "train", "all"))
+    seg_eval.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    seg_eval.set_defaults(func=_cmd_seg_eval)
 
     demo = sub.add_parser("demo", help="run the main job end to end on synthetic data",
                           description="Generate synthetic data and run every stage of twinview on it.")

@@ -83,6 +83,12 @@ def check_pair(image_path: PathLike, label_path: PathLike) -> tuple[np.ndarray, 
 
     The label must match the image's first three axes (a 4D image has channels last). Returns both arrays.
     """
+    image, label, _ = load_pair(image_path, label_path)
+    return image, label
+
+
+def load_pair(image_path: PathLike, label_path: PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image, label, affine)`` as :func:`check_pair` checks them; the affine is the image's."""
     image, image_affine = load_nifti(image_path)
     label, label_affine = load_nifti(label_path)
     if label.shape != image.shape[:3]:
@@ -94,7 +100,7 @@ def check_pair(image_path: PathLike, label_path: PathLike) -> tuple[np.ndarray, 
             f"label affine differs from image affine by up to {difference:.4g} "
             f"(tolerance {AFFINE_TOLERANCE:g})",
         )
-    return image, label
+    return image, label, image_affine
 
 
 def volume_record(image: PathLike, label: PathLike | None = None) -> VolumeRecord:

@@ -1,0 +1,2 @@
+"""Person re-identification on top of a pretrained encoder: the strong-baseline model (BNNeck), its
+losses, the P x K sampler, Market-1501 metrics, k-reciprocal re-ranking and a faiss retrieval index."""

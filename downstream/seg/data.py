@@ -1,0 +1,285 @@
+"""Labelled cases for segmentation: reading, checking, splitting, preprocessing and training patches.
+
+A case is read by the project's own readers (so bad files raise ``DataError`` naming the file), turned
+into MONAI ``MetaTensor``s that carry the affine, then preprocessed by MONAI dictionary transforms:
+orientation, optional resampling to a spacing, intensity normalisation per modality (CT window, MRI
+z-score over non-zero voxels, percentile scaling for microscopy). Training patches come from
+``SpatialPadd`` (any input size) + ``RandCropByPosNegLabeld`` + flips, a small affine and intensity
+augmentation. A 2D model on volumes trains on the volumes' slices along ``slice_axis``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import monai.transforms as mt
+import numpy as np
+import torch
+from monai.data import MetaTensor, get_track_meta, set_track_meta
+from torch.utils.data import Dataset
+
+from downstream.seg.config import SegDataConfig
+from pretrain.datasets import sample_seed
+from twinview.config import ConfigError
+from twinview.data.errors import DataError
+
+KEYS = ("image", "label")
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis-code meaning (MONAI's default, given explicitly)
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: Path
+    label: Path | None
+
+
+@dataclass(frozen=True)
+class SegTask:
+    """Labelled cases of one data set with its label names and modality."""
+
+    name: str
+    kind: str  # msd | dsb2018
+    labels: dict[int, str]  # 0 = background
+    modality: str  # MRI, CT, microscopy, ...
+    in_channels: int
+    cases: list[Case]
+
+    @property
+    def image_dims(self) -> int:
+        return 2 if self.kind == "dsb2018" else 3
+
+    def case(self, case_id: str) -> Case:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise KeyError(case_id)
+
+
+def resolve_kind(path: Path, kind: str) -> str:
+    if kind != "auto":
+        return kind
+    from twinview.data.inspect import detect_format
+
+    fmt = detect_format(path)
+    if fmt not in ("msd", "dsb2018"):
+        raise DataError(path, f"layout {fmt!r} has no labels twinview trains on; use an MSD task or DSB2018")
+    return fmt
+
+
+def read_task(cfg: SegDataConfig) -> SegTask:
+    """The labelled cases that a data config names (headers only; volumes are read later)."""
+    root = Path(cfg.path)
+    kind = resolve_kind(root, cfg.kind)
+    if kind == "msd":
+        from twinview.data.msd import read_msd
+
+        msd = read_msd(root)
+        cases = [Case(r.case_id, r.image, r.label) for r in msd.training]
+        channels = max(len(msd.modality), 1)
+        modality = next(iter(msd.modality.values()), "MRI")
+        return SegTask(msd.name, kind, dict(msd.labels), modality, channels, cases)
+    from twinview.data.dsb2018 import read_dsb2018
+
+    records = [r for r in read_dsb2018(root) if r.masks]
+    cases = [Case(r.sample_id, r.image, r.image.parent.parent / "masks") for r in records]
+    return SegTask("DSB2018 nuclei", kind, {0: "background", 1: "nucleus"}, "microscopy", 3, cases)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def make_split(case_ids: Sequence[str], cfg: SegDataConfig, seed: int) -> dict[str, Any]:
+    """Fixed test and val cases (``split_seed``) and the labelled training subset (``seed``).
+
+    The training subset is the first ``max(1, round(label_fraction * n_pool))`` cases of a permutation
+    seeded by ``seed``, so for one seed the subsets of smaller fractions are nested in larger ones.
+    """
+    ids = sorted(case_ids)
+    if cfg.split_file:
+        fixed = json.loads(Path(cfg.split_file).read_text())
+        test, val = list(fixed["test"]), list(fixed["val"])
+        unknown = sorted(set(test + val) - set(ids))
+        if unknown:
+            raise DataError(cfg.split_file, f"cases not in {cfg.path}: {unknown[:5]}")
+    else:
+        if cfg.test_cases + cfg.val_cases >= len(ids):
+            raise ConfigError(None, f"data.test_cases + data.val_cases = {cfg.test_cases + cfg.val_cases} "
+                                    f"leaves no training cases of the {len(ids)} in {cfg.path}")
+        order = np.random.default_rng(cfg.split_seed).permutation(len(ids))
+        test = sorted(ids[i] for i in order[:cfg.test_cases])
+        val = sorted(ids[i] for i in order[cfg.test_cases:cfg.test_cases + cfg.val_cases])
+    held = set(test) | set(val)
+    pool = [i for i in ids if i not in held]
+    if not 0 < cfg.label_fraction <= 1:
+        raise ConfigError(None, f"data.label_fraction must be in (0, 1], got {cfg.label_fraction}")
+    n_train = max(1, round(cfg.label_fraction * len(pool)))
+    order = np.random.default_rng(seed).permutation(len(pool))
+    train = sorted(pool[i] for i in order[:n_train])
+    return {"split_seed": cfg.split_seed, "seed": seed, "label_fraction": cfg.label_fraction,
+            "test": test, "val": val, "pool": pool, "train": train}
+
+
+# --------------------------------------------------------------------------- loading and preprocessing
+
+
+def load_case(case: Case, task: SegTask, with_label: bool = True) -> dict[str, MetaTensor]:
+    """``{"image": (C, *spatial), "label": (1, *spatial)}`` as float32 MetaTensors with the affine.
+
+    Raises ``DataError`` naming the file for unreadable files, image/label shape or affine mismatch and
+    label values outside the task's labels.
+    """
+    label = None
+    if task.kind == "dsb2018":
+        from twinview.data.dsb2018 import load_nuclei, nuclei_record
+
+        sample = load_nuclei(nuclei_record(case.image.parent.parent))
+        image = np.moveaxis(sample.image, -1, 0).astype(np.float32)
+        label = sample.semantic[None].astype(np.float32)
+        affine = np.eye(4)
+    else:
+        from twinview.data.nifti import load_nifti, load_pair
+
+        if with_label and case.label is not None:
+            raw, raw_label, affine = load_pair(case.image, case.label)
+            label = np.asarray(raw_label)[None].astype(np.float32)
+        else:
+            raw, affine = load_nifti(case.image)
+        raw = np.asarray(raw, dtype=np.float32)
+        if raw.ndim == 2:
+            raise DataError(case.image, f"2D image {raw.shape}; the task {task.name} has 3D volumes")
+        image = np.moveaxis(raw, -1, 0) if raw.ndim == 4 else raw[None]
+        if image.shape[0] != task.in_channels:
+            raise DataError(case.image, f"{image.shape[0]} channels; the task {task.name} has "
+                                        f"{task.in_channels} ({task.modality})")
+    affine_t = torch.as_tensor(affine, dtype=torch.float64)
+    out = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image)), affine=affine_t)}
+    if label is not None:
+        values = set(np.unique(label).astype(int).tolist())
+        unknown = sorted(values - set(task.labels))
+        if unknown or not np.array_equal(label, np.round(label)):
+            bad = case.label if task.kind != "dsb2018" else case.image
+            raise DataError(bad, f"label values {unknown or 'not integers'} are not among the task's labels "
+                                 f"{sorted(task.labels)}")
+        out["label"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(label)), affine=affine_t.clone())
+    return out
+
+
+def normalize_mode(cfg: SegDataConfig, task: SegTask) -> str:
+    if cfg.normalize != "auto":
+        return cfg.normalize
+    if task.kind == "dsb2018":
+        return "percentile"
+    return "ct_window" if task.modality.upper() == "CT" else "zscore"
+
+
+def spatial_transform(cfg: SegDataConfig, task: SegTask, keys: Sequence[str] = KEYS) -> mt.Compose:
+    """Orientation and spacing (volumes only); invertible, so predictions map back to the input grid."""
+    steps: list[mt.MapTransform] = []
+    if task.image_dims == 3 and cfg.orientation:
+        steps.append(mt.Orientationd(keys=keys, axcodes=cfg.orientation, labels=RAS_LABELS))
+    if task.image_dims == 3 and cfg.spacing:
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        steps.append(mt.Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes))
+    return mt.Compose(steps)
+
+
+def intensity_transform(cfg: SegDataConfig, task: SegTask) -> mt.MapTransform:
+    mode = normalize_mode(cfg, task)
+    if mode == "zscore":
+        return mt.NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
+    if mode == "ct_window":
+        low, high = cfg.ct_window
+        return mt.ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    return mt.ScaleIntensityRangePercentilesd(keys="image", lower=1, upper=99, b_min=0.0, b_max=1.0,
+                                              clip=True, channel_wise=True)
+
+
+def preprocess_metadata(cfg: SegDataConfig, task: SegTask) -> dict[str, Any]:
+    """Plain metadata describing the preprocessing (for the model file and a later ONNX export)."""
+    return {"orientation": cfg.orientation if task.image_dims == 3 else "", "spacing": cfg.spacing,
+            "normalize": normalize_mode(cfg, task), "ct_window": list(cfg.ct_window),
+            "slice_axis": cfg.slice_axis, "roi": list(cfg.roi), "image_dims": task.image_dims}
+
+
+def preprocess_case(case: Case, task: SegTask, cfg: SegDataConfig, with_label: bool = True) -> dict[str, Any]:
+    """A loaded case after orientation, spacing and intensity normalisation."""
+    data = load_case(case, task, with_label)
+    keys = [k for k in KEYS if k in data]
+    data = spatial_transform(cfg, task, keys)(data)
+    data = intensity_transform(cfg, task)(data)
+    data["case_id"] = case.case_id
+    return data
+
+
+def spacing_of(tensor: MetaTensor) -> tuple[float, ...]:
+    """Voxel size in mm along each spatial axis, from the affine."""
+    affine = tensor.affine.numpy() if isinstance(tensor.affine, torch.Tensor) else np.asarray(tensor.affine)
+    dims = tensor.ndim - 1
+    return tuple(float(np.linalg.norm(affine[:3, i])) for i in range(dims))
+
+
+# --------------------------------------------------------------------------- training patches
+
+
+def to_slices(volumes: Sequence[dict[str, Any]], axis: int) -> list[dict[str, torch.Tensor]]:
+    """The 2D slices along ``axis`` (0-2, spatial) of preprocessed volumes; constant images dropped."""
+    items = []
+    for vol in volumes:
+        image, label = vol["image"].as_tensor(), vol["label"].as_tensor()
+        for i in range(image.shape[axis + 1]):
+            sl = image.select(axis + 1, i)
+            if float(sl.max()) > float(sl.min()):
+                items.append({"image": sl.contiguous(), "label": label.select(axis + 1, i).contiguous()})
+    return items
+
+
+def train_transform(roi: Sequence[int], pos_fraction: float) -> mt.Compose:
+    """Random patches of size ``roi`` (padded first, so small inputs work) with augmentation."""
+    dims = len(roi)
+    rotate = (0.26,) if dims == 2 else (0.26, 0.26, 0.26)  # +-15 degrees
+    return mt.Compose([
+        mt.SpatialPadd(keys=KEYS, spatial_size=roi),
+        mt.RandCropByPosNegLabeld(keys=KEYS, label_key="label", spatial_size=roi, pos=pos_fraction,
+                                  neg=1.0 - pos_fraction, num_samples=1, image_key="image"),
+        *[mt.RandFlipd(keys=KEYS, prob=0.5, spatial_axis=axis) for axis in range(dims)],
+        mt.RandAffined(keys=KEYS, prob=0.3, rotate_range=rotate, scale_range=(0.1,) * dims,
+                       mode=("bilinear", "nearest"), padding_mode="zeros"),
+        mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        mt.RandGaussianNoised(keys="image", prob=0.15, std=0.05),
+    ])
+
+
+class PatchDataset(Dataset):
+    """Training patches; item ``i`` of epoch ``e`` is seeded from ``(seed, e, i)`` (exact resume).
+
+    ``length`` may exceed the number of items (few labelled cases): item ``i`` uses ``items[i % n]``.
+    """
+
+    def __init__(self, items: Sequence[dict[str, torch.Tensor]], transform: mt.Compose, seed: int,
+                 length: int) -> None:
+        self.items, self.transform, self.seed, self.length = items, transform, seed, length
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.transform.set_random_state(seed=sample_seed(self.seed, self.epoch, index) % 2**32)
+        item = self.items[index % len(self.items)]
+        tracking = get_track_meta()
+        set_track_meta(False)  # plain tensors: the patches need no affine, and it halves the time
+        try:
+            with warnings.catch_warnings():  # a background-only slice has no foreground to centre on
+                warnings.filterwarnings("ignore", message="Num foregrounds 0")
+                out = self.transform({"image": item["image"], "label": item["label"]})
+        finally:
+            set_track_meta(tracking)
+        out = out[0] if isinstance(out, list) else out
+        return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).float()

@@ -1,0 +1,116 @@
+"""Segmentation networks and loading a pretrained encoder into them.
+
+* ``flexunet``: MONAI ``FlexibleUNet`` with a ResNet encoder, 2D (``tv-resnet*``, torchvision layout)
+  or 3D (MONAI ResNet layout): the encoders that ``twinview pretrain`` writes load into it unchanged.
+  Every spatial size must be divisible by 32 (the encoder's five stride-2 stages).
+* ``unet``: plain MONAI ``UNet`` (residual units, no pretrained encoder): the from-scratch baseline.
+* ``smp_unet``: segmentation-models-pytorch ``Unet`` (2D only, e.g. microscopy) with the same encoders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from downstream.seg.config import SegModelConfig
+from pretrain.checkpoint import load_checkpoint
+from pretrain.encoders import flexible_unet_backbone, load_encoder_weights
+from twinview.config import ConfigError
+
+
+def divisor(arch: str) -> int:
+    """Every input size must be a multiple of this."""
+    return 32 if arch in ("flexunet", "smp_unet") else 16
+
+
+def build_seg_model(cfg: SegModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+    """A randomly initialised network (no weights from any hub)."""
+    if cfg.arch == "flexunet":
+        from monai.networks.nets import FlexibleUNet
+
+        return FlexibleUNet(in_channels, out_channels,
+                            backbone=flexible_unet_backbone(cfg.encoder, spatial_dims),
+                            pretrained=False, spatial_dims=spatial_dims)
+    if cfg.arch == "unet":
+        from monai.networks.nets import UNet
+
+        channels = tuple(cfg.unet_channels)
+        return UNet(spatial_dims, in_channels, out_channels, channels=channels,
+                    strides=(2,) * (len(channels) - 1), num_res_units=2, norm="batch")
+    if spatial_dims != 2:
+        raise ConfigError(None, "model.arch=smp_unet is 2D only; use flexunet or unet for 3D")
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet(encoder_name=cfg.encoder, encoder_weights=None, in_channels=in_channels,
+                    classes=out_channels)
+
+
+def encoder_of(model: nn.Module) -> nn.Module | None:
+    """The pretrained-encoder part of a network (None for the plain UNet)."""
+    return getattr(model, "encoder", None)
+
+
+def encoder_file(path: str | Path) -> Path:
+    """``encoder.pt`` of a pretraining run folder, or the file itself."""
+    path = Path(path)
+    return path / "encoder.pt" if path.is_dir() else path
+
+
+def load_pretrained_encoder(model: nn.Module, cfg: SegModelConfig, spatial_dims: int,
+                            in_channels: int) -> dict[str, Any]:
+    """Load ``cfg.encoder_weights`` into the network's encoder; returns the encoder's metadata.
+
+    The pretraining run must have used the same encoder, dimensionality, stem and channel count.
+    """
+    path = encoder_file(cfg.encoder_weights)
+    if not path.exists():
+        raise ConfigError(path, "no encoder weights here; pass a pretraining run folder or its encoder.pt")
+    payload = load_checkpoint(path)
+    meta = payload.get("encoder_config", {})
+    target = encoder_of(model)
+    if target is None:
+        raise ConfigError(None, f"model.arch={cfg.arch} has no encoder to load {path} into; use flexunet")
+    expected = {"name": cfg.encoder, "spatial_dims": spatial_dims, "in_channels": in_channels,
+                "small_stem": False}
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: encoder has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
+        raise ConfigError(path, f"encoder does not fit this segmentation model ({detail})")
+    load_encoder_weights(target, payload["encoder"])
+    return meta
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, encoder_lr_mult: float) -> list[dict]:
+    """AdamW groups: encoder and decoder learning rates; no weight decay on norms and biases."""
+    encoder = encoder_of(model)
+    enc_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        groups.setdefault((id(p) in enc_ids, p.ndim <= 1), []).append(p)
+    return [{"params": ps, "lr": lr * (encoder_lr_mult if is_enc else 1.0),
+             "weight_decay": 0.0 if no_decay else weight_decay, "is_encoder": is_enc}
+            for (is_enc, no_decay), ps in sorted(groups.items())]
+
+
+def set_encoder_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (no gradients, BN statistics fixed) or release the encoder."""
+    encoder = encoder_of(model)
+    if encoder is None:
+        return
+    encoder.requires_grad_(not frozen)
+    encoder.train(not frozen and model.training)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def tensors_equal(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether every tensor of ``state`` equals the module's tensor of the same name."""
+    own = module.state_dict()
+    return all(key in own and torch.equal(own[key].cpu(), value.cpu()) for key, value in state.items()
+               if not key.endswith("num_batches_tracked"))
