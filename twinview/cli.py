@@ -82,6 +82,54 @@ def _cmd_seg_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reid_train(args: argparse.Namespace) -> int:
+    from downstream.reid.config import ReIDConfig
+    from downstream.reid.train import run_reid
+    from twinview.config import load_config
+
+    config = args.config
+    if config is None and args.resume is not None:
+        config = args.resume / "config.yaml"
+    result = run_reid(load_config(ReIDConfig, config, args.set), resume=args.resume)
+    print((result.run_dir / "eval.md").read_text())
+    print(json.dumps({"run_dir": str(result.run_dir), "model": str(result.model_path), **result.metrics},
+                     indent=2))
+    return 0
+
+
+def _cmd_reid_eval(args: argparse.Namespace) -> int:
+    from downstream.reid.config import ReIDEvalConfig
+    from downstream.reid.evaluate import evaluate_market, load_reid_model
+    from pretrain.trainer import select_device
+
+    device = select_device(args.device)
+    model, meta = load_reid_model(args.model, device, size=args.size)
+    ecfg = ReIDEvalConfig(flip=not args.no_flip, metric=args.metric, rerank=args.rerank)
+    evaluate_market(model, meta, args.data, ecfg, args.out, device)
+    print((args.out / "eval.md").read_text())
+    print(f"CMC curve: {args.out / 'cmc_curve.png'}\ntop-10 results: {args.out / 'top10.png'}")
+    return 0
+
+
+def _cmd_reid_index(args: argparse.Namespace) -> int:
+    from downstream.reid.search import index_gallery
+
+    out = index_gallery(args.gallery, args.model, args.out, device=args.device)
+    meta = json.loads((out / "meta.json").read_text())
+    print(json.dumps({"index": str(out), "count": meta["count"], "dim": meta["dim"],
+                      "model_id": meta["model_id"]}))
+    return 0
+
+
+def _cmd_reid_query(args: argparse.Namespace) -> int:
+    from downstream.reid.search import query_index
+
+    for hit in query_index(args.index, args.image, args.k, args.model, device=args.device):
+        print(json.dumps({"rank": hit.rank, "score": round(hit.score, 4), "path": hit.path, "pid": hit.pid,
+                          "camid": hit.camid}))
+    return 0
+
+
 def _cmd_views(args: argparse.Namespace) -> int:
     from pretrain.view_grid import save_view_grid_from_data
 
@@ -191,6 +239,53 @@ def build_parser() -> argparse.ArgumentParser:
     seg_eval.add_argument("--split", default="test", choices=("test", "val", "train", "all"))
     seg_eval.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     seg_eval.set_defaults(func=_cmd_seg_eval)
+
+    reid = sub.add_parser("reid", help="person re-ID: train, evaluate, index a gallery, query it",
+                          description="Person re-identification on a pretrained encoder (strong baseline).")
+    reid_sub = reid.add_subparsers(dest="reid_command", required=True, metavar="ACTION")
+    reid_train = reid_sub.add_parser(
+        "train", help="train BNNeck + ID/triplet head on bounding_box_train, evaluate on query/gallery",
+        description="Fine-tune a re-ID model (optionally from model.encoder_weights) with P x K batches, "
+                    "then evaluate it under the Market-1501 protocol. Writes config.yaml, checkpoints, "
+                    "metrics.csv, loss_curve.png, model.pt, eval.json, eval.md, cmc_curve.png, top10.png.")
+    reid_train.add_argument("--config", type=Path, help="YAML file, e.g. configs/reid/market.yaml")
+    reid_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config value (repeatable)")
+    reid_train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    reid_train.set_defaults(func=_cmd_reid_train)
+    reid_eval = reid_sub.add_parser(
+        "eval", help="CMC, mAP and mINP on query/gallery; CMC curve and top-10 PNGs",
+        description="Evaluate a re-ID run (model.pt) or, with no labels at all, a pretraining run "
+                    "(encoder.pt) under the Market-1501 protocol.")
+    reid_eval.add_argument("--model", type=Path, required=True, metavar="RUN")
+    reid_eval.add_argument("--data", type=Path, required=True, help="Market-1501 folder")
+    reid_eval.add_argument("--out", type=Path, required=True)
+    reid_eval.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
+    reid_eval.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, 0.3)")
+    reid_eval.add_argument("--no-flip", action="store_true", help="do not average with mirrored crops")
+    reid_eval.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                           help="crop size (default: the model's)")
+    reid_eval.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    reid_eval.set_defaults(func=_cmd_reid_eval)
+    reid_index = reid_sub.add_parser(
+        "index", help="embed a gallery folder into a faiss index",
+        description="Embed every crop of GALLERY (Market-1501 names) with RUN's model into a faiss index "
+                    "folder holding the paths, ids, cameras and the model's fingerprint.")
+    reid_index.add_argument("gallery", type=Path)
+    reid_index.add_argument("--model", type=Path, required=True, metavar="RUN")
+    reid_index.add_argument("--out", type=Path, required=True, metavar="INDEX")
+    reid_index.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    reid_index.set_defaults(func=_cmd_reid_index)
+    reid_query = reid_sub.add_parser(
+        "query", help="the k most similar gallery crops to an image",
+        description="Rank the indexed gallery for IMAGE with the index's own model (refused if that "
+                    "model's weights changed). Prints one JSON line per hit.")
+    reid_query.add_argument("index", type=Path)
+    reid_query.add_argument("image", type=Path)
+    reid_query.add_argument("-k", type=int, default=10)
+    reid_query.add_argument("--model", type=Path, metavar="RUN", help="override the index's model file")
+    reid_query.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    reid_query.set_defaults(func=_cmd_reid_query)
 
     demo = sub.add_parser("demo", help="run the main job end to end on synthetic data",
                           description="Generate synthetic data and run every stage of twinview on it.")

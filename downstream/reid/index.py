@@ -74,9 +74,11 @@ def _version() -> str | None:
         return None
 
 
-def build_index(features: np.ndarray, records: Sequence[Any], model_id: str, out: Path) -> Path:
+def build_index(features: np.ndarray, records: Sequence[Any], model_id: str, out: Path,
+                extra: Mapping[str, Any] | None = None) -> Path:
     """Write the index folder ``out`` for ``features`` (N, D) and their ``records`` (mappings or
     objects with ``path``, ``pid``, ``camid``, e.g. ``PersonRecord``), replacing an existing one.
+    ``extra`` adds plain JSON values to ``meta.json`` (the model file and crop size, for queries).
 
     Rows are L2-normalised here (a no-op for :func:`downstream.reid.model.embed` output). The folder
     is written as a temporary sibling and renamed into place (an existing ``out`` is first renamed
@@ -91,7 +93,8 @@ def build_index(features: np.ndarray, records: Sequence[Any], model_id: str, out
     meta = {"model_id": model_id, "dim": int(feats.shape[1]), "count": len(feats), "metric": METRIC,
             "paths": [str(_field(r, "path")) for r in records],
             "pids": [int(_field(r, "pid")) for r in records],
-            "camids": [int(_field(r, "camid")) for r in records], "twinview_version": _version()}
+            "camids": [int(_field(r, "camid")) for r in records], "twinview_version": _version(),
+            **(extra or {})}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
