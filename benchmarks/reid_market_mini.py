@@ -127,8 +127,8 @@ def main() -> None:
     for key, label in ROWS.items():
         r = results[key]
         minutes = f"{r['train_minutes']:.1f}" if "train_minutes" in r else "-"
-        lines.append(f"| {label} | {r['rank1']:.3f} | {r['rank5']:.3f} | {r['rank10']:.3f} | {r['mAP']:.3f} | "
-                     f"{r['mINP']:.3f} | {minutes} |")
+        values = " | ".join(f"{r[k]:.3f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP"))
+        lines.append(f"| {label} | {values} | {minutes} |")
     gain = results["pretrained_ft"]["rank1"] - results["random_ft"]["rank1"]
     command = ("python benchmarks/reid_market_mini.py " + " ".join(sys.argv[1:])).strip()
     machine = f"{cpu_name()}, {os.cpu_count()} cores, no GPU used"

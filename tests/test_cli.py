@@ -14,13 +14,15 @@ from PIL import Image
 from conftest import REPO
 from twinview.cli import main
 
-SUBCOMMANDS = (["data"], ["data", "inspect"], ["data", "synth"], ["pretrain"], ["views"], ["demo"])
+SUBCOMMANDS = (["data"], ["data", "inspect"], ["data", "synth"], ["pretrain"], ["views"], ["demo"],
+               ["seg"], ["seg", "train"], ["seg", "predict"], ["seg", "eval"], ["reid"], ["reid", "train"],
+               ["reid", "eval"], ["reid", "index"], ["reid", "query"])
 
 
 def test_help_lists_every_subcommand() -> None:
     out = subprocess.run([sys.executable, "-m", "twinview", "--help"], capture_output=True, text=True,
                          check=True, cwd=REPO).stdout
-    for name in ("data", "pretrain", "views", "demo"):
+    for name in ("data", "pretrain", "views", "seg", "reid", "demo"):
         assert f"    {name}" in out
 
 
@@ -95,4 +97,11 @@ def test_demo_runs_every_stage_quickly(tmp_path: Path) -> None:
     assert set(summary) >= {"pretrained", "random_init"}
     assert (out / "pretrain_simclr" / "encoder.pt").exists()
     assert (out / "pretrain_simclr" / "loss_curve.png").exists()
-    assert f"Results are in {out.resolve()}" in done.stdout
+    seg = json.loads((out / "seg_summary.json").read_text())
+    assert set(seg) == {"pretrained", "random"}
+    assert all(0.0 <= seg[arm]["test"]["dice_mean"] <= 1.0 for arm in seg)
+    assert (out / "seg_pretrained" / "model.pt").exists()
+    assert (out / "pretrain_seg_simclr" / "encoder.pt").exists()
+    reid = json.loads((out / "reid_summary.json").read_text())
+    assert all(0.0 < reid[arm]["rank1"] <= 1.0 for arm in ("pretrained", "random"))
+    assert "4/4 re-ID" in done.stdout and f"Results are in {out.resolve()}" in done.stdout
