@@ -29,6 +29,7 @@ reports the shape mismatch.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torchvision
@@ -210,3 +211,27 @@ def load_encoder_weights(target: nn.Module, state: Mapping[str, Tensor], strict:
         )
     target.load_state_dict(loaded, strict=False)
     return untouched
+
+
+def load_encoder_file(path: str | Path, target: nn.Module, expected: Mapping[str, object]) -> dict:
+    """Load a pretraining run's ``encoder.pt`` (or the run folder) into ``target``; returns its metadata.
+
+    ``expected`` lists the ``encoder_config`` values the target needs (name, spatial_dims, in_channels,
+    small_stem, ...); a missing file or any difference is a ``ConfigError`` that names the file.
+    """
+    from pretrain.checkpoint import load_checkpoint
+    from twinview.config import ConfigError
+
+    path = Path(path)
+    path = path / "encoder.pt" if path.is_dir() else path
+    if not path.exists():
+        raise ConfigError(path, "no encoder weights here; pass a pretraining run folder or its encoder.pt")
+    payload = load_checkpoint(path)
+    meta = payload.get("encoder_config", {})
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: encoder has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
+        raise ConfigError(path, f"encoder does not fit the {type(target).__name__} it is loaded into "
+                                f"({detail})")
+    load_encoder_weights(target, payload["encoder"])
+    return meta

@@ -25,10 +25,10 @@ from downstream.reid.losses import batch_hard_triplet_loss, id_loss
 from downstream.reid.model import ReIDModel
 from downstream.reid.sampler import PKSampler
 from pretrain.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
-from pretrain.encoders import load_encoder_weights
+from pretrain.encoders import load_encoder_file
 from pretrain.trainer import plot_loss_curve, select_amp, select_device, set_determinism
 from pretrain.views import preset_metadata
-from twinview.config import ConfigError, save_config, to_dict
+from twinview.config import save_config, to_dict
 
 
 @dataclass
@@ -50,19 +50,8 @@ def model_metadata(cfg: ReIDConfig, num_classes: int, source: str) -> dict[str, 
 
 def load_pretrained_backbone(model: ReIDModel, path: str | Path, encoder: str) -> dict[str, Any]:
     """Load a pretraining run's ``encoder.pt`` into ``model.backbone``; returns its metadata."""
-    path = Path(path)
-    path = path / "encoder.pt" if path.is_dir() else path
-    if not path.exists():
-        raise ConfigError(path, "no encoder weights here; pass a pretraining run folder or its encoder.pt")
-    payload = load_checkpoint(path)
-    meta = payload.get("encoder_config", {})
     expected = {"name": encoder, "spatial_dims": 2, "in_channels": 3, "small_stem": False}
-    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-    if wrong:
-        detail = ", ".join(f"{k}: encoder has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
-        raise ConfigError(path, f"encoder does not fit this re-ID model ({detail})")
-    load_encoder_weights(model.backbone, payload["encoder"])
-    return meta
+    return load_encoder_file(path, model.backbone, expected)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: ReIDConfig) -> float:

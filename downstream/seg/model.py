@@ -9,15 +9,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from downstream.seg.config import SegModelConfig
-from pretrain.checkpoint import load_checkpoint
-from pretrain.encoders import flexible_unet_backbone, load_encoder_weights
+from pretrain.encoders import flexible_unet_backbone, load_encoder_file
 from twinview.config import ConfigError
 
 
@@ -53,34 +51,19 @@ def encoder_of(model: nn.Module) -> nn.Module | None:
     return getattr(model, "encoder", None)
 
 
-def encoder_file(path: str | Path) -> Path:
-    """``encoder.pt`` of a pretraining run folder, or the file itself."""
-    path = Path(path)
-    return path / "encoder.pt" if path.is_dir() else path
-
-
 def load_pretrained_encoder(model: nn.Module, cfg: SegModelConfig, spatial_dims: int,
                             in_channels: int) -> dict[str, Any]:
     """Load ``cfg.encoder_weights`` into the network's encoder; returns the encoder's metadata.
 
     The pretraining run must have used the same encoder, dimensionality, stem and channel count.
     """
-    path = encoder_file(cfg.encoder_weights)
-    if not path.exists():
-        raise ConfigError(path, "no encoder weights here; pass a pretraining run folder or its encoder.pt")
-    payload = load_checkpoint(path)
-    meta = payload.get("encoder_config", {})
     target = encoder_of(model)
     if target is None:
-        raise ConfigError(None, f"model.arch={cfg.arch} has no encoder to load {path} into; use flexunet")
+        raise ConfigError(None, f"model.arch={cfg.arch} has no encoder to load {cfg.encoder_weights} into; "
+                                "use flexunet")
     expected = {"name": cfg.encoder, "spatial_dims": spatial_dims, "in_channels": in_channels,
                 "small_stem": False}
-    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-    if wrong:
-        detail = ", ".join(f"{k}: encoder has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
-        raise ConfigError(path, f"encoder does not fit this segmentation model ({detail})")
-    load_encoder_weights(target, payload["encoder"])
-    return meta
+    return load_encoder_file(cfg.encoder_weights, target, expected)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, encoder_lr_mult: float) -> list[dict]:
