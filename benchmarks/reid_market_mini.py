@@ -90,7 +90,8 @@ def finetune(args: argparse.Namespace, name: str, encoder: Path | None) -> dict:
         h, w = args.size
         cfg = load_config(ReIDConfig, REPO / "configs/reid/market.yaml", [
             f"out_dir={out}", f"data.path={args.data}", f"data.size=[{h},{w}]", f"train.epochs={args.epochs}",
-            f"model.encoder_weights={encoder or ''}", f"train.progress={str(not args.quiet).lower()}"])
+            f"model.encoder_weights={encoder or ''}", f"train.progress={str(not args.quiet).lower()}",
+            "train.ckpt_every_steps=50"])
         started = time.perf_counter()
         run_reid(cfg, resume=out if latest_checkpoint(out) or (out / "model.pt").exists() else None)
         result = json.loads((out / "eval.json").read_text())
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs/bench_reid_market_mini")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
     parser.add_argument("--size", default="64,32", help="crop H,W for fine-tuning and evaluation")
-    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs")
+    parser.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs")
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--encoder", help="a finished pretraining run folder to reuse instead of pretraining")
     parser.add_argument("--quiet", action="store_true")
