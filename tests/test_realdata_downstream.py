@@ -32,7 +32,7 @@ def test_hippocampus_segmentation_learns(tmp_path: Path, shared_data: Path) -> N
     assert result.summary["dice_mean"] > 0.5, result.summary  # untrained: about 0.1
     assert result.summary["hd95_mean"] < 10.0, result.summary  # mm
     split = json.loads((result.run_dir / "split.json").read_text())
-    case = next(p for p in sorted((data / "imagesTr").glob("*.nii.gz")) if p.name.startswith(split["test"][0]))
+    case = data / "imagesTr" / f"{split['test'][0]}.nii.gz"
     rows = predict(case, result.run_dir, tmp_path / "pred")
     mask = nib.load(rows[0]["mask"])
     image = nib.load(str(case))

@@ -128,7 +128,8 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
     if split["test"]:
         from downstream.seg.evaluate import evaluate_cases
 
-        rows, summary = evaluate_cases(model, meta, task, d, split["test"], run_dir, device, t, amp_dtype)
+        rows, summary = evaluate_cases(model, meta, task, d, split["test"], run_dir, device, t, amp_dtype,
+                                       progress=t.progress)
         (run_dir / "summary.json").write_text(json.dumps(
             {"test": summary, "train_cases": len(split["train"]), "label_fraction": d.label_fraction,
              "steps": steps}, indent=2) + "\n")
