@@ -288,6 +288,20 @@ def test_prediction_follows_the_input_orientation(tmp_path: Path, synth_msd: Pat
     assert not np.array_equal(data, np.asarray(image.dataobj))  # the stored voxels really differ
     assert np.array_equal(a, b[::-1])
 
+    # a DICOM series: the mask is written as NIfTI on the series' own grid; no patient tag leaks
+    from tests.reader_builders import SECRET_ID, SECRET_NAME, write_dicom_series
+    from twinview.data.dicom import load_dicom_series, read_dicom_series
+
+    write_dicom_series(tmp_path / "dicom" / "series", slices=5)
+    rows = predict(tmp_path / "dicom", run, tmp_path / "c", overlays=True)
+    assert len(rows) == 1
+    written = nib.load(rows[0]["mask"])
+    volume, affine = load_dicom_series(read_dicom_series(tmp_path / "dicom")[0])
+    assert written.shape == volume.shape and np.allclose(written.affine, affine)
+    outputs = " ".join(p.name for p in (tmp_path / "c").rglob("*"))
+    outputs += (tmp_path / "c" / "volumes.csv").read_text()
+    assert SECRET_NAME not in outputs and SECRET_ID not in outputs
+
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, synth_msd: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:

@@ -71,10 +71,6 @@ class PersonDataset(Dataset):
         return image, label
 
 
-def image_batches(paths: Sequence[Path], size: Sequence[int], batch_size: int) -> list[Sequence[Path]]:
-    return [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-
-
 def load_batch(paths: Sequence[Path], pipeline: ViewPipeline) -> torch.Tensor:
     from twinview.data.images import load_image
 

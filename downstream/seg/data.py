@@ -35,8 +35,9 @@ RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis-code meaning (MONAI's 
 @dataclass(frozen=True)
 class Case:
     case_id: str
-    image: Path
+    image: Path  # a NIfTI file, a 2D image, or a DICOM series folder (with ``series_uid``)
     label: Path | None
+    series_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,12 @@ def load_case(case: Case, task: SegTask, with_label: bool = True) -> dict[str, M
         image = np.moveaxis(sample.image, -1, 0).astype(np.float32)
         label = sample.semantic[None].astype(np.float32)
         affine = np.eye(4)
+    elif case.series_uid:
+        from twinview.data.dicom import load_dicom_series, read_dicom_series
+
+        record = next(r for r in read_dicom_series(case.image) if r.series_uid == case.series_uid)
+        volume, affine = load_dicom_series(record)
+        image = volume[None]
     else:
         from twinview.data.nifti import load_nifti, load_pair
 

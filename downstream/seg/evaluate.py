@@ -140,6 +140,3 @@ def save_overlay(image: np.ndarray, pred: np.ndarray, out: Path, slice_axis: int
     fig.savefig(out)
     return out
 
-
-def default_train_config(meta: dict[str, Any]) -> SegTrainConfig:
-    return SegTrainConfig(progress=True)

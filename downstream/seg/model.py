@@ -87,10 +87,6 @@ def set_encoder_frozen(model: nn.Module, frozen: bool) -> None:
     encoder.train(not frozen and model.training)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @torch.no_grad()
 def tensors_equal(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     """Whether every tensor of ``state`` equals the module's tensor of the same name."""

@@ -38,7 +38,8 @@ def _task_of(meta: dict[str, Any]) -> SegTask:
 
 
 def input_cases(path: Path, kind: str) -> list[Case]:
-    """The images to predict: a file, a folder of NIfTI files or images, or an MSD task folder."""
+    """The images to predict: a file, a folder of NIfTI files or images, an MSD task folder, or a folder of
+    DICOM series (one case per series, named after its folder)."""
     from twinview.data.images import is_image, list_image_files
     from twinview.data.nifti import case_id, is_nifti, nifti_files
 
@@ -53,6 +54,14 @@ def input_cases(path: Path, kind: str) -> list[Case]:
 
         msd = read_msd(path)
         return [Case(r.case_id, r.image, None) for r in [*msd.test, *msd.training]]
+    from twinview.data.inspect import detect_format
+
+    if kind != "dsb2018" and detect_format(path) == "dicom":
+        from twinview.data.dicom import read_dicom_series
+
+        series = read_dicom_series(path)
+        return [Case(f"{r.folder.name or 'series'}_{i:03d}", r.folder, None, r.series_uid)
+                for i, r in enumerate(series)]
     files = nifti_files(path) if kind != "dsb2018" else []
     if files:
         return [Case(case_id(f), f, None) for f in files]
@@ -97,17 +106,20 @@ def predict(inputs: Path, run: Path, out: Path, overlays: bool = True,
             pred = mt.Invertd(keys="pred", transform=spatial, orig_keys="image",
                               nearest_interp=True)(sample)["pred"]
             mask = pred.as_tensor()[0].numpy().round().astype(np.uint8)
-            source = nib.load(str(case.image))
-            if mask.shape != source.shape[:3]:
+            original = _load_input(case, task)["image"]
+            if mask.shape != tuple(original.shape[1:]):
                 raise RuntimeError(f"{case.image}: prediction shape {mask.shape} "
-                                   f"does not match {source.shape}")
-            header = source.header.copy()
-            header.set_data_dtype(np.uint8)
+                                   f"does not match {tuple(original.shape[1:])}")
+            affine = original.affine.numpy()
+            header = None
+            if not case.series_uid:  # NIfTI: keep the input's header (and so its exact affine)
+                source = nib.load(str(case.image))
+                header, affine = source.header.copy(), source.affine
+                header.set_data_dtype(np.uint8)
             target = out / f"{case.case_id}.nii.gz"
-            nib.save(nib.Nifti1Image(mask, source.affine, header), str(target))
-            spacing = tuple(float(z) for z in source.header.get_zooms()[:3])
-            image = np.asarray(source.dataobj, dtype=np.float32)
-            image = np.moveaxis(image, -1, 0) if image.ndim == 4 else image[None]
+            nib.save(nib.Nifti1Image(mask, affine, header), str(target))
+            spacing = tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
+            image = original.numpy()
         else:
             mask = pred[0].numpy().astype(np.uint8)
             target = out / f"{case.case_id}.png"

@@ -2,8 +2,8 @@
 
 The loop is ``downstream.loop`` (shared with re-ID, built on the pretraining pieces): precision choice,
 atomic rotating checkpoints with exact resume, non-finite loss detection, a progress bar,
-``metrics.csv`` + TensorBoard; the loss-curve PNG follows. Loss: Dice + cross-entropy (MONAI
-``DiceCELoss``); AdamW with linear warm-up then cosine decay; validation Dice on the val cases by
+``metrics.csv`` + TensorBoard; the loss-curve PNG follows. Loss: Dice (over the batch) + cross-entropy
+(MONAI ``DiceCELoss``); AdamW with linear warm-up then cosine decay; validation Dice on the val cases by
 sliding-window inference. The run folder holds ``config.yaml``, ``split.json``, ``model.pt`` (weights
 and the plain metadata needed to rebuild the network and its preprocessing), ``test_metrics.csv``,
 ``summary.json`` and overlay PNGs of test cases.
@@ -160,7 +160,9 @@ def _train(cfg: SegConfig, task: SegTask, split: dict[str, Any], model: nn.Modul
     model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay,
                                                cfg.model.encoder_lr_mult))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    # Dice over the whole batch (nnU-Net's "batch Dice"): per-sample Dice rewards predicting nothing on
+    # the many slices without the structure, and short runs then collapse to background.
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     def set_epoch(epoch: int, done: int) -> None:
         sampler.set_epoch(epoch, start=done * t.batch_size)
