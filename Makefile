@@ -33,6 +33,10 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/pretrain_throughput.py
 	$(PY) benchmarks/pretrain_quality.py
+	$(PY) benchmarks/seg_label_efficiency.py
+	$(PY) benchmarks/reid_market_mini.py
+	$(PY) benchmarks/reid_eval_speed.py
+	$(PY) benchmarks/reid_query_latency.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

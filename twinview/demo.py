@@ -92,7 +92,7 @@ def _seg_stage(out: Path, msd: Path, seed: int, quick: bool) -> dict:
     test_cases, fraction = (2, 0.5) if quick else (10, 0.1)
     common = [f"data.path={msd}", f"data.test_cases={test_cases}", "data.val_cases=0",
               f"data.label_fraction={fraction}", "train.val_every_steps=0", f"train.seed={seed}",
-              f"train.steps={4 if quick else 250}", "train.batch_size=16", "optim.warmup_steps=2",
+              f"train.steps={4 if quick else 200}", "train.batch_size=16", "optim.warmup_steps=2",
               f"train.progress={str(not quick).lower()}"]
     probe = load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml", common)
     from downstream.seg.data import make_split, read_task
@@ -102,7 +102,7 @@ def _seg_stage(out: Path, msd: Path, seed: int, quick: bool) -> dict:
     if not (pre_dir / "encoder.pt").exists():
         cfg = load_config(PretrainConfig, REPO / "configs/pretrain/hippocampus2d_simclr.yaml", [
             f"out_dir={pre_dir}", f"data.path={msd}", "model.small_stem=false", "data.size=[48,48]",
-            "data.workers=0", f"train.epochs={1 if quick else 4}", f"train.batch_size={32 if quick else 128}",
+            "data.workers=0", f"train.epochs={1 if quick else 3}", f"train.batch_size={32 if quick else 128}",
             "train.knn_every_epochs=0", "optim.warmup_epochs=1", f"train.progress={str(not quick).lower()}"])
         cfg.data.exclude_cases = test_ids  # the test volumes stay unseen, even without labels
         run_pretraining(cfg, resume=pre_dir if latest_checkpoint(pre_dir) else None)
@@ -137,7 +137,7 @@ def _reid_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
         if not (run_dir / "eval.json").exists():
             cfg = load_config(ReIDConfig, REPO / "configs/reid/market.yaml", [
                 f"out_dir={run_dir}", f"data.path={market}", "data.size=[64,32]", f"train.seed={seed}",
-                f"train.epochs={1 if quick else 8}", f"model.encoder_weights={weights}",
+                f"train.epochs={1 if quick else 6}", f"model.encoder_weights={weights}",
                 f"train.progress={str(not quick).lower()}", *(["train.p=4"] if quick else [])])
             resume = run_dir if latest_checkpoint(run_dir) or (run_dir / "model.pt").exists() else None
             run_reid(cfg, resume=resume)

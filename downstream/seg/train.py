@@ -160,9 +160,10 @@ def _train(cfg: SegConfig, task: SegTask, split: dict[str, Any], model: nn.Modul
     model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay,
                                                cfg.model.encoder_lr_mult))
-    # Dice over the whole batch (nnU-Net's "batch Dice"): per-sample Dice rewards predicting nothing on
-    # the many slices without the structure, and short runs then collapse to background.
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    # As nnU-Net: Dice over the whole batch ("batch Dice") and over the foreground classes only. Per-sample
+    # Dice rewards predicting nothing on the many slices without the structure, and the background term
+    # lets a short run settle on all-background; both made 100-step runs collapse to empty masks.
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=False)
 
     def set_epoch(epoch: int, done: int) -> None:
         sampler.set_epoch(epoch, start=done * t.batch_size)
