@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--pretrain-size", type=int, default=48)
     parser.add_argument("--pretrain-batch", type=int, default=128)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--command", help="the command to quote in the results (when re-tabulating)")
     args = parser.parse_args()
 
     from downstream.seg.config import SegDataConfig
@@ -147,9 +148,9 @@ def _stats(runs: list[dict], key: str) -> tuple[float, float]:
 def write_results(args: argparse.Namespace, results: dict, fractions: list[float], steps: dict[float, int],
                   n_test: int, pretrain_s: float) -> None:
     rows, table = [], []
-    header = ("| labels | cases | init | seeds | mean Dice | Dice anterior | Dice posterior | HD95 (mm) | "
-              "steps |")
-    table += [header, "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| labels | cases | init | seeds | mean Dice | per seed | empty-mask runs | Dice anterior | "
+              "Dice posterior | HD95 (mm) | steps |")
+    table += [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for fraction in fractions:
         for arm in ARMS:
             runs = results[arm][fraction]
@@ -158,12 +159,16 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
             post, _ = _stats(runs, "dice_Posterior")
             hd, hd_sd = _stats(runs, "hd95_mean")
             cases = runs[0]["train_cases"]
+            per_seed = [r["test"]["dice_mean"] for r in runs]
+            empty = sum(d == 0.0 for d in per_seed)  # every test case predicted without the structure
             rows.append({"fraction": fraction, "cases": cases, "arm": arm, "seeds": len(runs), "dice": dice,
                          "dice_sd": dice_sd, "dice_anterior": ant, "dice_posterior": post, "hd95": hd,
                          "hd95_sd": hd_sd, "steps": steps[fraction],
-                         "seconds": [r.get("seconds") for r in runs]})
+                         "seconds": [r.get("seconds") for r in runs], "per_seed": per_seed,
+                         "empty_mask_runs": empty})
             table.append(f"| {fraction:.0%} | {cases} | {ARMS[arm]} | {len(runs)} "
-                         f"| {dice:.3f} ± {dice_sd:.3f} "
+                         f"| {dice:.3f} ± {dice_sd:.3f} | {' / '.join(f'{d:.3f}' for d in per_seed)} "
+                         f"| {empty} "
                          f"| {ant:.3f} | {post:.3f} | {hd:.2f} ± {hd_sd:.2f} | {steps[fraction]} |")
     gaps = []
     for f in fractions:
@@ -171,7 +176,7 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
         rnd = next(r["dice"] for r in rows if r["fraction"] == f and r["arm"] == "random")
         gaps.append(f"{f:.0%}: {pre - rnd:+.3f}")
     machine = f"{cpu_name()}, {__import__('os').cpu_count()} cores, no GPU used"
-    command = "python benchmarks/seg_label_efficiency.py " + " ".join(sys.argv[1:])
+    command = args.command or "python benchmarks/seg_label_efficiency.py " + " ".join(sys.argv[1:])
     md = (f"# Label efficiency on MSD Task04 Hippocampus (2D FlexibleUNet, ResNet-18)\n\n"
           f"Command: `{command.strip()}`  \nMachine: {machine}  \n"
           f"Test split: {n_test} fixed held-out cases, scored in 3D (MONAI Dice; HD95 in mm).  \n"
