@@ -37,12 +37,15 @@ def test_overrides_are_typed_and_applied_in_order() -> None:
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.data.size == [16, 8]
     assert cfg.train.amp == "fp32"
+    cfg = load_config(PretrainConfig, CONFIGS[0], ["optim.lr=3e-3", "optim.weight_decay=-1E+2"])
+    assert cfg.optim.lr == 0.003 and cfg.optim.weight_decay == -100.0  # YAML 1.1 reads these as strings
 
 
 @pytest.mark.parametrize("override, words", [
     (["train.epoch=3"], "unknown key(s) ['epoch']"),
     (["method.name=swav"], "'swav' is not one of"),
     (["train.epochs=three"], "expected int"),
+    (["optim.lr=fast"], "expected float"),
     (["train.deterministic=1"], "expected bool"),
     (["train"], "expected key=value"),
 ])
