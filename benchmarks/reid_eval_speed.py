@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_cores, cpu_name
 
 from downstream.reid.metrics import evaluate, evaluate_scores
 from pretrain.evaluation import retrieval_scores_reference
@@ -35,16 +35,9 @@ N_DISTRACTOR, N_JUNK = 2500, 500
 TARGET_S = 2.0
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict[str, object]:
-    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "numpy": np.__version__, "python": platform.python_version()}
+    return {"cpu": cpu_name(), "cores": cpu_cores(), "numpy": np.__version__,
+            "python": platform.python_version()}
 
 
 def synthetic_market(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

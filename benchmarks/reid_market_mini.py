@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,15 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_cores, cpu_name  # noqa: E402 - benchmarks/machine.py, beside this script
+
 ROWS = {"random": "random init, no training", "pretrained": "SimCLR pretrained, no labels",
         "pretrained_ft": "SimCLR pretrained + fine-tuned", "random_ft": "random init + fine-tuned"}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def pretrain(args: argparse.Namespace) -> Path:
@@ -132,7 +126,7 @@ def main() -> None:
         lines.append(f"| {label} | {values} | {minutes} |")
     gain = results["pretrained_ft"]["rank1"] - results["random_ft"]["rank1"]
     command = ("python benchmarks/reid_market_mini.py " + " ".join(sys.argv[1:])).strip()
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, no GPU used"
+    machine = f"{cpu_name()}, {cpu_cores()} cores, no GPU used"
     md = (f"# Re-ID on Market-1501-mini: pretrained against random init\n\n"
           f"Command: `{command}`  \nMachine: {machine}  \n"
           f"Crops {args.size[0]}x{args.size[1]}; fine-tuning {args.epochs} epochs (ResNet-18, last stride 1, "

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
+from machine import cpu_cores, cpu_name
 
 from downstream.reid.index import build_index, load_index
 
@@ -32,11 +31,7 @@ WARMUP = 10
 
 
 def machine() -> dict[str, object]:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists()
-                                                        else []) if line.startswith("model name")]
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    return {"cpu": cpu_name(), "cores": cpu_cores(),
             "numpy": np.__version__, "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads()}
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,21 +28,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_cores, cpu_name  # noqa: E402 - benchmarks/machine.py, beside this script
+
 ARMS = {"pretrained": "SimCLR-pretrained encoder", "random": "random init (same network)"}
 
 
 def parse_steps(text: str) -> dict[float, int]:
     return {float(k): int(v) for k, v in (item.split(":") for item in text.split(","))}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def pretrain_encoder(args: argparse.Namespace, test_ids: list[str], out: Path) -> Path:
@@ -175,7 +166,7 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
         pre = next(r["dice"] for r in rows if r["fraction"] == f and r["arm"] == "pretrained")
         rnd = next(r["dice"] for r in rows if r["fraction"] == f and r["arm"] == "random")
         gaps.append(f"{f:.0%}: {pre - rnd:+.3f}")
-    machine = f"{cpu_name()}, {__import__('os').cpu_count()} cores, no GPU used"
+    machine = f"{cpu_name()}, {cpu_cores()} cores, no GPU used"
     command = args.command or "python benchmarks/seg_label_efficiency.py " + " ".join(sys.argv[1:])
     md = (f"# Label efficiency on MSD Task04 Hippocampus (2D FlexibleUNet, ResNet-18)\n\n"
           f"Command: `{command.strip()}`  \nMachine: {machine}  \n"
