@@ -42,17 +42,35 @@ def test_hippocampus_segmentation_learns(tmp_path: Path, shared_data: Path) -> N
     assert snapshot(data) == before
 
 
-def test_market_reid_one_epoch_beats_random_features(tmp_path: Path, shared_data: Path) -> None:
-    """One epoch of the strong-baseline head on Market-1501-mini beats the untrained network."""
-    from downstream.reid.config import ReIDConfig
+def test_market_reid_two_epochs_beat_random_features(tmp_path: Path, shared_data: Path) -> None:
+    """Two epochs of the strong-baseline head on Market-1501-mini beat the untrained network.
+
+    One epoch scored rank-1 0.242 on the CI machine, against a bound of 0.25 that it passed here
+    (CPU kernels differ between machines); two epochs leave a margin. The untrained network is scored
+    in the same process.
+    """
+    import torch
+
+    from downstream.reid.config import ReIDConfig, ReIDEvalConfig
+    from downstream.reid.evaluate import evaluate_market
+    from downstream.reid.model import ReIDModel
     from downstream.reid.train import run_reid
+    from pretrain.views import preset_metadata
     from twinview.config import load_config
 
     data = shared_data / "Market-1501-mini"
+    torch.manual_seed(0)
+    untrained = ReIDModel(0, "resnet18", last_stride=1).eval()
+    meta = {"size": [64, 32], "preprocessing": preset_metadata("reid", (64, 32))}
+    baseline = evaluate_market(untrained, meta, data, ReIDEvalConfig(), tmp_path / "untrained",
+                               torch.device("cpu"), progress=False)
     cfg = load_config(ReIDConfig, REPO / "configs/reid/market.yaml", [
-        f"out_dir={tmp_path / 'run'}", f"data.path={data}", "data.size=[64,32]", "train.epochs=1",
+        f"out_dir={tmp_path / 'run'}", f"data.path={data}", "data.size=[64,32]", "train.epochs=2",
         "optim.warmup_epochs=0", "train.progress=false"])
     result = run_reid(cfg)
     assert result.metrics["queries"] == 882 and result.metrics["skipped_queries"] == 13
-    assert result.metrics["rank1"] > 0.25, result.metrics  # random-init features: about 0.15
+    assert baseline["rank1"] < 0.2, baseline  # random features: about 0.15
+    assert result.metrics["rank1"] > 0.25, result.metrics
+    assert result.metrics["rank1"] > baseline["rank1"] + 0.08, (result.metrics, baseline)
+    assert result.metrics["mAP"] > baseline["mAP"] + 0.04, (result.metrics, baseline)
     assert (result.run_dir / "top10.png").exists() and (result.run_dir / "cmc_curve.png").exists()
