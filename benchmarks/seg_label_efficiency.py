@@ -88,7 +88,7 @@ def main() -> None:
                         help="checkpoints and per-run results (resumable)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
     parser.add_argument("--fractions", default="0.05,0.1,0.25,1.0")
-    parser.add_argument("--steps", default="0.05:100,0.1:150,0.25:200,1.0:600",
+    parser.add_argument("--steps", default="0.05:150,0.1:200,0.25:300,1.0:800",
                         help="training steps per label fraction")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at fractions below 1")
     parser.add_argument("--full-seeds", type=int, default=1, help="seeds at fraction 1")

@@ -194,6 +194,39 @@ def test_volume_smaller_than_the_patch_is_padded() -> None:
     assert torch.equal(ds[1][0], x)  # seeded per item
 
 
+def test_flips_stay_off_the_axes_left_out() -> None:
+    """``flip_axes=[0]`` mirrors rows but never columns (anterior/posterior keep their side)."""
+    image = torch.randn(1, 64, 64)
+    label = torch.zeros(1, 64, 64)
+    label[0, 4:14, 4:14] = 1  # top left
+    def centroids(flip_axes: list[int] | None) -> list[tuple[float, float]]:
+        ds = PatchDataset([{"image": image, "label": label}], train_transform([64, 64], 1.0, flip_axes),
+                          seed=0, length=40)
+        out = []
+        for i in range(40):
+            rows, cols = torch.nonzero(ds[i][1][0], as_tuple=True)
+            out.append((rows.float().mean().item(), cols.float().mean().item()))
+        return out
+
+    kept = centroids([0])
+    assert all(col < 32 for _, col in kept)  # never mirrored left-right in the patch's axis 1
+    assert any(row > 32 for row, _ in kept) and any(row < 32 for row, _ in kept)  # axis 0 is mirrored
+    assert any(col > 32 for _, col in centroids(None))  # default: every axis
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_flexunet_head_sees_normalised_not_rectified_features(dims: int) -> None:
+    """The head's input keeps both signs: a rectified last layer let runs end with empty masks."""
+    torch.manual_seed(0)
+    model = build_seg_model(SegModelConfig(arch="flexunet"), dims, 1, 3)
+    seen = {}
+    model.segmentation_head.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0]))
+    model(torch.randn(2, 1, *([32] * dims)))
+    x = seen["x"]
+    assert (x < 0).float().mean() > 0.3 and (x > 0).float().mean() > 0.3
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1.0) < 0.1  # batch-normalised
+
+
 def test_config_checks(tmp_path: Path, synth_msd: Path, synth_nuclei: Path) -> None:
     from downstream.seg.train import check_config
 
@@ -206,6 +239,10 @@ def test_config_checks(tmp_path: Path, synth_msd: Path, synth_nuclei: Path) -> N
         check_config(cfg, read_task(cfg.data))
     cfg = load_config(SegConfig, None, [f"data.path={synth_nuclei}", "data.spatial_dims=3"])
     with pytest.raises(ConfigError, match="has 2D images; set data.spatial_dims=2"):
+        check_config(cfg, read_task(cfg.data))
+    cfg = load_config(SegConfig, None, [f"data.path={synth_msd}", "data.spatial_dims=2", "data.roi=[32,32]",
+                                        "data.flip_axes=[0,2]"])
+    with pytest.raises(ConfigError, match=r"data.flip_axes \[0, 2\]: a 2D patch has axes 0-1"):
         check_config(cfg, read_task(cfg.data))
 
 

@@ -20,6 +20,9 @@ class SegDataConfig:
     normalize: Literal["auto", "zscore", "ct_window", "percentile"] = "auto"  # auto: from the modality
     ct_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])  # HU range mapped to [0, 1]
     pos_fraction: float = 0.67  # share of training patches centred on foreground
+    # patch axes mirrored at random (null: all). Leave out an axis along which the labels depend on
+    # position, e.g. anterior/posterior hippocampus along the A-P axis (axis 1 in RAS).
+    flip_axes: list[int] | None = None
     test_cases: int = 40  # fixed held-out test cases (seeded by split_seed)
     val_cases: int = 10  # validation cases, from the rest
     split_seed: int = 0

@@ -246,15 +246,20 @@ def to_slices(volumes: Sequence[dict[str, Any]], axis: int) -> list[dict[str, to
     return items
 
 
-def train_transform(roi: Sequence[int], pos_fraction: float) -> mt.Compose:
-    """Random patches of size ``roi`` (padded first, so small inputs work) with augmentation."""
+def train_transform(roi: Sequence[int], pos_fraction: float,
+                    flip_axes: Sequence[int] | None = None) -> mt.Compose:
+    """Random patches of size ``roi`` (padded first, so small inputs work) with augmentation.
+
+    ``flip_axes``: the patch axes mirrored with probability 0.5 each (None: every axis).
+    """
     dims = len(roi)
+    flip_axes = range(dims) if flip_axes is None else flip_axes
     rotate = (0.26,) if dims == 2 else (0.26, 0.26, 0.26)  # +-15 degrees
     return mt.Compose([
         mt.SpatialPadd(keys=KEYS, spatial_size=roi),
         mt.RandCropByPosNegLabeld(keys=KEYS, label_key="label", spatial_size=roi, pos=pos_fraction,
                                   neg=1.0 - pos_fraction, num_samples=1, image_key="image"),
-        *[mt.RandFlipd(keys=KEYS, prob=0.5, spatial_axis=axis) for axis in range(dims)],
+        *[mt.RandFlipd(keys=KEYS, prob=0.5, spatial_axis=axis) for axis in flip_axes],
         mt.RandAffined(keys=KEYS, prob=0.3, rotate_range=rotate, scale_range=(0.1,) * dims,
                        mode=("bilinear", "nearest"), padding_mode="zeros"),
         mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),

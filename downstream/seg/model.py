@@ -29,9 +29,15 @@ def build_seg_model(cfg: SegModelConfig, spatial_dims: int, in_channels: int, ou
     if cfg.arch == "flexunet":
         from monai.networks.nets import FlexibleUNet
 
-        return FlexibleUNet(in_channels, out_channels,
-                            backbone=flexible_unet_backbone(cfg.encoder, spatial_dims),
-                            pretrained=False, spatial_dims=spatial_dims)
+        backbone = flexible_unet_backbone(cfg.encoder, spatial_dims)
+        net = FlexibleUNet(in_channels, out_channels, backbone=backbone, pretrained=False,
+                           spatial_dims=spatial_dims)
+        # The head reads the last decoder layer after its norm, not after its ReLU. Rectified, that layer
+        # could represent the structure as "every channel off" (94% zeros there in a failed run): the
+        # head then sees only its bias on the structure and short runs ended with empty masks or one
+        # class for everything, depending on the initialisation (seed). Normalised, both signs carry.
+        net.decoder.blocks[-1].convs.conv_1.adn.A = nn.Identity()
+        return net
     if cfg.arch == "unet":
         from monai.networks.nets import UNet
 

@@ -72,6 +72,9 @@ def check_config(cfg: SegConfig, task: SegTask) -> None:
         raise ConfigError(None, f"data.roi {d.roi}: model.arch={m.arch} needs every size divisible by {k}")
     if not 0 <= d.slice_axis <= 2:
         raise ConfigError(None, f"data.slice_axis must be 0, 1 or 2, got {d.slice_axis}")
+    if d.flip_axes is not None and any(not 0 <= a < d.spatial_dims for a in d.flip_axes):
+        raise ConfigError(None, f"data.flip_axes {d.flip_axes}: a {d.spatial_dims}D patch has axes "
+                                f"0-{d.spatial_dims - 1}")
 
 
 def model_metadata(cfg: SegConfig, task: SegTask) -> dict[str, Any]:
@@ -151,7 +154,7 @@ def _train(cfg: SegConfig, task: SegTask, split: dict[str, Any], model: nn.Modul
     t, d = cfg.train, cfg.data
     items = _train_items(cfg, task, split["train"])
     val_cases = [preprocess_case(task.case(i), task, d) for i in split["val"]] if t.val_every_steps else []
-    dataset = PatchDataset(items, train_transform(d.roi, d.pos_fraction), seed=t.seed,
+    dataset = PatchDataset(items, train_transform(d.roi, d.pos_fraction, d.flip_axes), seed=t.seed,
                            length=max(len(items), t.batch_size))
     sampler = ResumableSampler(len(dataset), t.seed)
     loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, drop_last=True,
