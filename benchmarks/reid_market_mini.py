@@ -56,16 +56,12 @@ def evaluate_untrained(args: argparse.Namespace, name: str, encoder: Path | None
     import torch
 
     from downstream.reid.config import ReIDEvalConfig
-    from downstream.reid.evaluate import evaluate_market, load_reid_model
-    from downstream.reid.model import ReIDModel
-    from pretrain.views import preset_metadata
+    from downstream.reid.evaluate import evaluate_market, load_reid_model, untrained_reid_model
 
     out = args.work / name
     if not (out / "eval.json").exists():
         if encoder is None:
-            torch.manual_seed(0)
-            model = ReIDModel(0, "resnet18", last_stride=1).eval()
-            meta = {"size": list(args.size), "preprocessing": preset_metadata("reid", tuple(args.size))}
+            model, meta = untrained_reid_model(args.size)
         else:
             model, meta = load_reid_model(encoder, size=args.size)
         evaluate_market(model, meta, args.data, ReIDEvalConfig(), out, torch.device("cpu"),

@@ -52,16 +52,12 @@ def test_market_reid_two_epochs_beat_random_features(tmp_path: Path, shared_data
     import torch
 
     from downstream.reid.config import ReIDConfig, ReIDEvalConfig
-    from downstream.reid.evaluate import evaluate_market
-    from downstream.reid.model import ReIDModel
+    from downstream.reid.evaluate import evaluate_market, untrained_reid_model
     from downstream.reid.train import run_reid
-    from pretrain.views import preset_metadata
     from twinview.config import load_config
 
     data = shared_data / "Market-1501-mini"
-    torch.manual_seed(0)
-    untrained = ReIDModel(0, "resnet18", last_stride=1).eval()
-    meta = {"size": [64, 32], "preprocessing": preset_metadata("reid", (64, 32))}
+    untrained, meta = untrained_reid_model([64, 32])
     baseline = evaluate_market(untrained, meta, data, ReIDEvalConfig(), tmp_path / "untrained",
                                torch.device("cpu"), progress=False)
     cfg = load_config(ReIDConfig, REPO / "configs/reid/market.yaml", [

@@ -398,3 +398,19 @@ def test_model_fingerprint() -> None:
     assert model_fingerprint(dict(reversed(state.items()))) == fp
     assert model_fingerprint({**state, "b": torch.tensor([0.0, 1.0, 2.0, 3.5])}) != fp
     assert model_fingerprint({**state, "a": torch.ones(4)}) != fp  # same bytes, other shape
+
+
+def test_untrained_model_is_seeded_and_leaves_the_global_random_state() -> None:
+    from downstream.reid.evaluate import untrained_reid_model
+
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    a, meta = untrained_reid_model([64, 32], seed=0)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched
+    b, _ = untrained_reid_model([64, 32], seed=0)
+    c, _ = untrained_reid_model([64, 32], seed=1)
+    first = next(iter(a.state_dict()))
+    assert torch.equal(a.state_dict()[first], b.state_dict()[first])
+    assert not torch.equal(a.state_dict()[first], c.state_dict()[first])
+    assert not a.training and meta["size"] == [64, 32] and meta["preprocessing"]["size"] == [64, 32]

@@ -63,6 +63,18 @@ def load_reid_model(path: str | Path, device: torch.device | str = "cpu",
     return model.to(device).eval(), meta
 
 
+def untrained_reid_model(size: Sequence[int], encoder: str = "resnet18", seed: int = 0
+                         ) -> tuple[ReIDModel, dict[str, Any]]:
+    """The re-ID network at random initialisation (the "no training" baseline), in eval mode, with its
+    metadata; the global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ReIDModel(0, encoder, last_stride=1, pooling="avg")
+    meta = {"encoder": encoder, "last_stride": 1, "pooling": "avg", "num_classes": 0, "size": list(size),
+            "source": "random", "preprocessing": preset_metadata("reid", tuple(size))}
+    return model.eval(), meta
+
+
 def extract(model: ReIDModel, paths: Sequence[Path], size: Sequence[int], device: torch.device,
             batch_size: int = 128, flip: bool = True, progress: bool = False,
             desc: str = "embed") -> np.ndarray:
