@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ def atomic_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        Path(tmp).unlink(missing_ok=True)
+        free_mb = shutil.disk_usage(path.parent).free / 2**20
+        raise RuntimeError(f"{path}: checkpoint not written ({err}); {free_mb:.0f} MB free on its disk; "
+                           "the files already there are unchanged") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

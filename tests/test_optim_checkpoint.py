@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 from pathlib import Path
@@ -87,6 +88,21 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_full_disk_is_an_error_naming_the_file_and_free_space(tmp_path: Path, monkeypatch) -> None:
+    save_rotating({"step": 1}, tmp_path, 1, keep_last=1)
+
+    def disk_full(obj, fh) -> None:  # noqa: ANN001
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match=r"ckpt-00000002\.pt: checkpoint not written .*No space.* MB free"):
+        save_rotating({"step": 2}, tmp_path, 2, keep_last=1)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000001.pt"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 1
 
 
 def test_a_truncated_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None:
