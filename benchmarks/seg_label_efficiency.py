@@ -9,8 +9,8 @@
    standard deviation over seeds) and a Dice-versus-labels plot go to ``benchmarks/results/``.
 
 Every stage skips work already done and resumes a killed run from its last checkpoint, so the command
-can be re-run after an interruption. The defaults took 33 min of pretraining and 70 min of fine-tuning
-on 2 CPU cores (both partly beside other jobs); on a GPU use e.g.
+can be re-run after an interruption. The defaults took 77.9 min from scratch on 2 CPU cores, alone
+(15.9 min pretraining, 61.8 min fine-tuning and scoring); on a GPU use e.g.
 ``--steps 0.05:2000,0.1:3000,0.25:4000,1.0:8000 --batch-size 32 --pretrain-epochs 100``.
 
     python benchmarks/seg_label_efficiency.py [--data ../shared/data/Task04_Hippocampus]
