@@ -72,14 +72,19 @@ def finetune(args: argparse.Namespace, arm: str, fraction: float, seed: int, ste
             f"data.label_fraction={fraction}", f"train.seed={seed}", f"train.steps={steps}",
             f"train.batch_size={args.batch_size}", "train.val_every_steps=0", "data.val_cases=0",
             f"optim.warmup_steps={min(50, steps // 10)}", f"train.progress={str(not args.quiet).lower()}",
-            f"model.encoder_weights={encoder_dir if arm == 'pretrained' else ''}"])
+            f"model.encoder_weights={encoder_dir if arm == 'pretrained' else ''}", *args.set])
         started = time.perf_counter()
         resume = run_dir if latest_checkpoint(run_dir) or (run_dir / "model.pt").exists() else None
         run_segmentation(cfg, resume=resume)
         data = json.loads(summary.read_text())
         data["seconds"] = time.perf_counter() - started
+        data["overrides"] = list(args.set)
         summary.write_text(json.dumps(data, indent=2) + "\n")
-    return json.loads(summary.read_text())
+    data = json.loads(summary.read_text())
+    if data.get("overrides", []) != list(args.set):
+        raise SystemExit(f"{summary}: finished with overrides {data.get('overrides', [])}, not {args.set}; "
+                         "give this variant its own --work folder")
+    return data
 
 
 def main() -> None:
@@ -98,6 +103,10 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=6)
     parser.add_argument("--pretrain-size", type=int, default=48)
     parser.add_argument("--pretrain-batch", type=int, default=128)
+    parser.add_argument("--arms", default=",".join(ARMS), help="which starts to run: pretrained,random")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra fine-tuning config override (repeatable), e.g. "
+                             "model.freeze_encoder_steps=50; use a separate --work folder")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--command", help="the command to quote in the results (when re-tabulating)")
     args = parser.parse_args()
@@ -119,11 +128,14 @@ def main() -> None:
 
     steps = parse_steps(args.steps)
     fractions = [float(f) for f in args.fractions.split(",")]
-    results: dict[str, dict[float, list[dict]]] = {arm: {} for arm in ARMS}
+    arms = args.arms.split(",")
+    if unknown := set(arms) - set(ARMS):
+        parser.error(f"--arms: unknown {sorted(unknown)}; choose from {list(ARMS)}")
+    results: dict[str, dict[float, list[dict]]] = {arm: {} for arm in arms}
     for fraction in fractions:
         seeds = range(args.seeds if fraction < 1 else args.full_seeds)
         for seed in seeds:
-            for arm in ARMS:
+            for arm in arms:
                 s = finetune(args, arm, fraction, seed, steps[fraction], split_file, encoder_dir, args.work)
                 results[arm].setdefault(fraction, []).append(s)
                 test = s["test"]
@@ -144,7 +156,7 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
               "Dice posterior | HD95 (mm) | steps |")
     table += [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for fraction in fractions:
-        for arm in ARMS:
+        for arm in results:
             runs = results[arm][fraction]
             dice, dice_sd = _stats(runs, "dice_mean")
             ant, _ = _stats(runs, "dice_Anterior")
@@ -163,7 +175,7 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
                          f"| {empty} "
                          f"| {ant:.3f} | {post:.3f} | {hd:.2f} ± {hd_sd:.2f} | {steps[fraction]} |")
     gaps = []
-    for f in fractions:
+    for f in fractions if len(results) == len(ARMS) else []:
         pre = next(r["dice"] for r in rows if r["fraction"] == f and r["arm"] == "pretrained")
         rnd = next(r["dice"] for r in rows if r["fraction"] == f and r["arm"] == "random")
         gaps.append(f"{f:.0%}: {pre - rnd:+.3f}")
@@ -176,7 +188,8 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
           f"at {args.pretrain_size}x{args.pretrain_size} "
           f"({pretrain_s / 60:.1f} min in this invocation; 0 when "
           f"reused).  \nFine-tuning: batch {args.batch_size}, AdamW, Dice+CE; mean ± sd over seeds.\n\n"
-          + "\n".join(table) + "\n\nPretrained minus random init, mean Dice: " + ", ".join(gaps) + "\n")
+          + "\n".join(table) + "\n"
+          + (f"\nPretrained minus random init, mean Dice: {', '.join(gaps)}\n" if gaps else ""))
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "seg_label_efficiency.md").write_text(md)
     (args.results / "seg_label_efficiency.json").write_text(json.dumps(
@@ -191,6 +204,8 @@ def plot(rows: list[dict], out: Path) -> None:
     fig = Figure(figsize=(6, 4), dpi=110)
     ax = fig.add_subplot()
     for arm, label in ARMS.items():
+        if not any(r["arm"] == arm for r in rows):
+            continue
         pts = sorted((r["cases"], r["dice"], r["dice_sd"]) for r in rows if r["arm"] == arm)
         x, y, sd = (np.array(v) for v in zip(*pts, strict=True))
         ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=label)
