@@ -96,6 +96,11 @@ def setup_from_env() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group, if one was joined."""
+    """Leave the process group, if one was joined, once every rank has got here.
+
+    Without the barrier a rank that finishes first (the others still writing files) tears its Gloo
+    pairs down under its peers, which can abort a peer's process.
+    """
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()

@@ -82,6 +82,7 @@ def _worker(rank_: int, port: int, out_dir: str) -> None:
                 "buffers": dict(method.named_buffers()),
             }
         torch.save(results, Path(out_dir) / f"rank{rank_}.pt")
+        dist.barrier()  # no rank tears the group down while its peer still uses it
     finally:
         dist.destroy_process_group()
 
