@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from machine import cpu_cores, cpu_name  # noqa: E402 - benchmarks/machine.py, beside this script
+
+if TYPE_CHECKING:
+    from downstream.seg.config import SegConfig
 
 ARMS = {"pretrained": "SimCLR-pretrained encoder", "random": "random init (same network)"}
 
@@ -66,25 +70,40 @@ def finetune(args: argparse.Namespace, arm: str, fraction: float, seed: int, ste
 
     run_dir = out / "runs" / f"{arm}_f{fraction:g}_s{seed}"
     summary = run_dir / "summary.json"
-    if not summary.exists():
-        cfg = load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml", [
-            f"out_dir={run_dir}", f"data.path={args.data}", f"data.split_file={split_file}",
-            f"data.label_fraction={fraction}", f"train.seed={seed}", f"train.steps={steps}",
-            f"train.batch_size={args.batch_size}", "train.val_every_steps=0", "data.val_cases=0",
-            f"optim.warmup_steps={min(50, steps // 10)}", f"train.progress={str(not args.quiet).lower()}",
-            f"model.encoder_weights={encoder_dir if arm == 'pretrained' else ''}", *args.set])
-        started = time.perf_counter()
-        resume = run_dir if latest_checkpoint(run_dir) or (run_dir / "model.pt").exists() else None
-        run_segmentation(cfg, resume=resume)
-        data = json.loads(summary.read_text())
-        data["seconds"] = time.perf_counter() - started
-        data["overrides"] = list(args.set)
-        summary.write_text(json.dumps(data, indent=2) + "\n")
+    cfg = load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml", [
+        f"out_dir={run_dir}", f"data.path={args.data}", f"data.split_file={split_file}",
+        f"data.label_fraction={fraction}", f"train.seed={seed}", f"train.steps={steps}",
+        f"train.batch_size={args.batch_size}", "train.val_every_steps=0", "data.val_cases=0",
+        f"optim.warmup_steps={min(50, steps // 10)}", f"train.progress={str(not args.quiet).lower()}",
+        f"model.encoder_weights={encoder_dir if arm == 'pretrained' else ''}", *args.set])
+    check_same_settings(cfg, run_dir)
+    if summary.exists():
+        return json.loads(summary.read_text())
+    started = time.perf_counter()
+    resume = run_dir if latest_checkpoint(run_dir) or (run_dir / "model.pt").exists() else None
+    run_segmentation(cfg, resume=resume)
     data = json.loads(summary.read_text())
-    if data.get("overrides", []) != list(args.set):
-        raise SystemExit(f"{summary}: finished with overrides {data.get('overrides', [])}, not {args.set}; "
-                         "give this variant its own --work folder")
+    data["seconds"] = time.perf_counter() - started
+    summary.write_text(json.dumps(data, indent=2) + "\n")
     return data
+
+
+def check_same_settings(cfg: SegConfig, run_dir: Path) -> None:
+    """Reuse or resume a run folder only with the settings it was made with (the progress bar aside)."""
+    from downstream.seg.config import SegConfig
+    from twinview.config import load_config, to_dict
+
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    old, new = to_dict(load_config(SegConfig, saved)), to_dict(cfg)
+    old["train"]["progress"] = new["train"]["progress"]
+    changed = [f"{section}.{key}" for section, values in new.items() if isinstance(values, dict)
+               for key, value in values.items() if old[section].get(key) != value]
+    changed += [key for key, value in new.items() if not isinstance(value, dict) and old.get(key) != value]
+    if changed:
+        raise SystemExit(f"{saved}: made with other settings ({', '.join(changed)}); "
+                         "give this variant its own --work folder")
 
 
 def main() -> None:

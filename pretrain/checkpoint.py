@@ -31,14 +31,13 @@ def atomic_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except Exception as err:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if not isinstance(err, Exception):  # Ctrl-C and exits pass through as they are
+            raise
         free_mb = shutil.disk_usage(path.parent).free / 2**20
         raise RuntimeError(f"{path}: checkpoint not written ({err}); {free_mb:.0f} MB free on its disk; "
                            "the files already there are unchanged") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
