@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: Market-1501 folder not found (pass --data)")
-    from pretrain.checkpoint import latest_checkpoint
+    from engine.checkpoint import latest_checkpoint
     from pretrain.config import PretrainConfig
     from pretrain.trainer import build_model, run_pretraining
     from twinview.config import load_config

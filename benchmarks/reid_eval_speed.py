@@ -1,16 +1,16 @@
-"""Market-1501 evaluation speed: ``downstream.reid.metrics.evaluate`` (vectorised) against the per-query
-reference loop ``pretrain.evaluation.retrieval_scores_reference``.
+"""Market-1501 evaluation speed: ``twinview.retrieval.market1501_scores`` (vectorised) against the per-query
+reference loop ``twinview.retrieval._reference_scores``.
 
 A seeded synthetic float32 distance matrix of the full Market-1501 test size (3,368 queries x 15,913
 gallery images; 751 identities, 6 cameras, with junk (pid -1) and distractor (pid 0) gallery images;
-true matches drawn closer on average). ``evaluate`` is timed as the median of ``--runs`` runs; the
+true matches drawn closer on average). ``market1501_scores`` is timed as the median of ``--runs`` runs; the
 reference loop runs once on the whole matrix when its estimate (from the first 100 queries) is under
 ``--ref-budget`` seconds, otherwise on a fixed prefix of the queries, scaled to the full size. Both must
 give the same CMC and mAP (on the queries the reference saw).
 
     python benchmarks/reid_eval_speed.py
 
-Writes ``benchmarks/results/reid_eval_speed.md`` and ``.json``. Target: ``evaluate`` within 2 s on
+Writes ``benchmarks/results/reid_eval_speed.md`` and ``.json``. Target: ``market1501_scores`` within 2 s on
 2 CPU cores.
 """
 
@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_cores, cpu_name
 
-from downstream.reid.metrics import evaluate, evaluate_scores
-from pretrain.evaluation import retrieval_scores_reference
+from twinview.provenance import cpu_cores, cpu_name
+from twinview.retrieval import _reference_scores, market1501_scores
 
 REPO = Path(__file__).resolve().parents[1]
 N_QUERY, N_GALLERY, N_IDS, N_CAMS = 3368, 15913, 751, 6
@@ -60,7 +59,7 @@ def synthetic_market(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs of evaluate (median)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of market1501_scores (median)")
     parser.add_argument("--ref-budget", type=float, default=180.0,
                         help="seconds the reference loop may take on the full matrix, else a query subset")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,19 +72,20 @@ def main() -> None:
     times = []
     for _ in range(args.runs):
         tick = time.perf_counter()
-        cmc, m_ap, m_inp = evaluate(*data)
+        full = market1501_scores(*data)
         times.append(time.perf_counter() - tick)
     fast_s = statistics.median(times)
+    cmc, m_ap, m_inp = full.cmc, full.mAP, full.mINP
 
     tick = time.perf_counter()
-    retrieval_scores_reference(distmat[:100], q_pids[:100], g_pids, q_cams[:100], g_cams)
+    _reference_scores(distmat[:100], q_pids[:100], g_pids, q_cams[:100], g_cams)
     estimate = (time.perf_counter() - tick) * N_QUERY / 100
     n_ref = N_QUERY if estimate < args.ref_budget else max(100, int(N_QUERY * args.ref_budget / estimate))
     subset = (distmat[:n_ref], q_pids[:n_ref], g_pids, q_cams[:n_ref], g_cams)
     tick = time.perf_counter()
-    ref = retrieval_scores_reference(*subset)
+    ref = _reference_scores(*subset)
     ref_s = (time.perf_counter() - tick) * N_QUERY / n_ref
-    fast = evaluate_scores(*subset)
+    fast = market1501_scores(*subset)
     np.testing.assert_allclose(fast.cmc, ref.cmc, rtol=0, atol=1e-6)
     assert abs(fast.mAP - ref.mAP) < 1e-9 and abs(fast.mINP - ref.mINP) < 1e-9, (fast, ref)
 
@@ -99,10 +99,11 @@ def main() -> None:
              f"rank-1 {cmc[0]:.4f}, mAP {m_ap:.4f}, mINP {m_inp:.4f}; the reference loop gives the same "
              f"CMC, mAP and mINP on the queries it ran.{' ' + args.note if args.note else ''}", "",
              "| implementation | time (s) | how | speed-up |", "| --- | ---: | --- | ---: |",
-             f"| `downstream.reid.metrics.evaluate` | {fast_s:.3f} | median of {args.runs} runs | "
+             f"| `twinview.retrieval.market1501_scores` | {fast_s:.3f} | median of {args.runs} runs | "
              f"{ref_s / fast_s:.1f}x |",
-             f"| `retrieval_scores_reference` (per-query loop) | {ref_s:.2f} | {ref_note} | 1.0x |", "",
-             f"Target: evaluate within {TARGET_S:.0f} s: {'met' if fast_s <= TARGET_S else 'NOT met'}."]
+             f"| `_reference_scores` (per-query loop) | {ref_s:.2f} | {ref_note} | 1.0x |", "",
+             f"Target: market1501_scores within {TARGET_S:.0f} s: "
+             f"{'met' if fast_s <= TARGET_S else 'NOT met'}."]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

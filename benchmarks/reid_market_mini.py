@@ -27,14 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from machine import cpu_cores, cpu_name  # noqa: E402 - benchmarks/machine.py, beside this script
+from twinview.provenance import cpu_cores, cpu_name  # noqa: E402 - after the sys.path entry
 
 ROWS = {"random": "random init, no training", "pretrained": "SimCLR pretrained, no labels",
         "pretrained_ft": "SimCLR pretrained + fine-tuned", "random_ft": "random init + fine-tuned"}
 
 
 def pretrain(args: argparse.Namespace) -> Path:
-    from pretrain.checkpoint import latest_checkpoint
+    from engine.checkpoint import latest_checkpoint
     from pretrain.config import PretrainConfig
     from pretrain.trainer import run_pretraining
     from twinview.config import load_config
@@ -72,7 +72,7 @@ def evaluate_untrained(args: argparse.Namespace, name: str, encoder: Path | None
 def finetune(args: argparse.Namespace, name: str, encoder: Path | None) -> dict:
     from downstream.reid.config import ReIDConfig
     from downstream.reid.train import run_reid
-    from pretrain.checkpoint import latest_checkpoint
+    from engine.checkpoint import latest_checkpoint
     from twinview.config import load_config
 
     out = args.work / name

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from machine import cpu_cores, cpu_name
 
 from downstream.reid.index import build_index, load_index
+from twinview.provenance import cpu_cores, cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 10

@@ -23,17 +23,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from machine import cpu_cores, cpu_name  # noqa: E402 - benchmarks/machine.py, beside this script
-
-if TYPE_CHECKING:
-    from downstream.seg.config import SegConfig
+from twinview.provenance import cpu_cores, cpu_name  # noqa: E402 - after the sys.path entry
 
 ARMS = {"pretrained": "SimCLR-pretrained encoder", "random": "random init (same network)"}
 
@@ -43,67 +39,14 @@ def parse_steps(text: str) -> dict[float, int]:
 
 
 def pretrain_encoder(args: argparse.Namespace, test_ids: list[str], out: Path) -> Path:
-    from pretrain.checkpoint import latest_checkpoint
-    from pretrain.config import PretrainConfig
-    from pretrain.trainer import run_pretraining
-    from twinview.config import load_config
+    from downstream.recipes import pretrain
 
-    run_dir = out / "pretrain_simclr"
-    if (run_dir / "encoder.pt").exists():
-        return run_dir
-    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/hippocampus2d_simclr.yaml", [
-        f"out_dir={run_dir}", f"data.path={args.data}", "model.small_stem=false", "data.workers=0",
-        f"data.size=[{args.pretrain_size},{args.pretrain_size}]", f"train.epochs={args.pretrain_epochs}",
-        f"train.batch_size={args.pretrain_batch}", "train.knn_every_epochs=0", "optim.warmup_epochs=1",
-        f"train.progress={str(not args.quiet).lower()}"])
-    cfg.data.exclude_cases = list(test_ids)
-    run_pretraining(cfg, resume=run_dir if latest_checkpoint(run_dir) else None)
-    return run_dir
-
-
-def finetune(args: argparse.Namespace, arm: str, fraction: float, seed: int, steps: int, split_file: Path,
-             encoder_dir: Path, out: Path) -> dict:
-    from downstream.seg.config import SegConfig
-    from downstream.seg.train import run_segmentation
-    from pretrain.checkpoint import latest_checkpoint
-    from twinview.config import load_config
-
-    run_dir = out / "runs" / f"{arm}_f{fraction:g}_s{seed}"
-    summary = run_dir / "summary.json"
-    cfg = load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml", [
-        f"out_dir={run_dir}", f"data.path={args.data}", f"data.split_file={split_file}",
-        f"data.label_fraction={fraction}", f"train.seed={seed}", f"train.steps={steps}",
-        f"train.batch_size={args.batch_size}", "train.val_every_steps=0", "data.val_cases=0",
-        f"optim.warmup_steps={min(50, steps // 10)}", f"train.progress={str(not args.quiet).lower()}",
-        f"model.encoder_weights={encoder_dir if arm == 'pretrained' else ''}", *args.set])
-    check_same_settings(cfg, run_dir)
-    if summary.exists():
-        return json.loads(summary.read_text())
-    started = time.perf_counter()
-    resume = run_dir if latest_checkpoint(run_dir) or (run_dir / "model.pt").exists() else None
-    run_segmentation(cfg, resume=resume)
-    data = json.loads(summary.read_text())
-    data["seconds"] = time.perf_counter() - started
-    summary.write_text(json.dumps(data, indent=2) + "\n")
-    return data
-
-
-def check_same_settings(cfg: SegConfig, run_dir: Path) -> None:
-    """Reuse or resume a run folder only with the settings it was made with (the progress bar aside)."""
-    from downstream.seg.config import SegConfig
-    from twinview.config import load_config, to_dict
-
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return
-    old, new = to_dict(load_config(SegConfig, saved)), to_dict(cfg)
-    old["train"]["progress"] = new["train"]["progress"]
-    changed = [f"{section}.{key}" for section, values in new.items() if isinstance(values, dict)
-               for key, value in values.items() if old[section].get(key) != value]
-    changed += [key for key, value in new.items() if not isinstance(value, dict) and old.get(key) != value]
-    if changed:
-        raise SystemExit(f"{saved}: made with other settings ({', '.join(changed)}); "
-                         "give this variant its own --work folder")
+    return pretrain(REPO / "configs/pretrain/hippocampus2d_simclr.yaml", [
+        f"out_dir={out / 'pretrain_simclr'}", f"data.path={args.data}", "model.small_stem=false",
+        "data.workers=0", f"data.size=[{args.pretrain_size},{args.pretrain_size}]",
+        f"train.epochs={args.pretrain_epochs}", f"train.batch_size={args.pretrain_batch}",
+        "train.knn_every_epochs=0", "optim.warmup_epochs=1", f"train.progress={str(not args.quiet).lower()}"],
+        exclude_cases=test_ids)
 
 
 def main() -> None:
@@ -150,16 +93,20 @@ def main() -> None:
     arms = args.arms.split(",")
     if unknown := set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {sorted(unknown)}; choose from {list(ARMS)}")
+    from downstream.recipes import label_efficiency
+
+    plan = [(f, seed, [f"train.steps={steps[f]}", f"optim.warmup_steps={min(50, steps[f] // 10)}", *args.set])
+            for f in fractions for seed in range(args.seeds if f < 1 else args.full_seeds)]
+    common = [f"data.path={args.data}", f"data.split_file={split_file}",
+              f"train.batch_size={args.batch_size}", "train.val_every_steps=0", "data.val_cases=0",
+              f"train.progress={str(not args.quiet).lower()}"]
     results: dict[str, dict[float, list[dict]]] = {arm: {} for arm in arms}
-    for fraction in fractions:
-        seeds = range(args.seeds if fraction < 1 else args.full_seeds)
-        for seed in seeds:
-            for arm in arms:
-                s = finetune(args, arm, fraction, seed, steps[fraction], split_file, encoder_dir, args.work)
-                results[arm].setdefault(fraction, []).append(s)
-                test = s["test"]
-                print(f"{arm:10s} labels {fraction:>5g} ({s['train_cases']:3d} cases) seed {seed}: "
-                      f"Dice {test['dice_mean']:.3f}  HD95 {test['hd95_mean']:.2f} mm", flush=True)
+    for s in label_efficiency(REPO / "configs/seg/hippocampus2d.yaml", args.work, encoder_dir, plan, common,
+                              arms):
+        results[s["arm"]].setdefault(s["fraction"], []).append(s)
+        test = s["test"]
+        print(f"{s['arm']:10s} labels {s['fraction']:>5g} ({s['train_cases']:3d} cases) seed {s['seed']}: "
+              f"Dice {test['dice_mean']:.3f}  HD95 {test['hd95_mean']:.2f} mm", flush=True)
     write_results(args, results, fractions, steps, len(test_ids), pretrain_s)
 
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from twinview.config import (
+    Axis,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    PositiveInt,
+    ProperFraction,
+    UnitInterval,
+)
+
 
 @dataclass
 class DataConfig:
@@ -13,10 +23,10 @@ class DataConfig:
     path: str = ""  # a folder in any layout twinview reads (see `twinview data inspect`)
     kind: Literal["auto", "images", "market1501", "msd_slices", "msd_3d", "dsb2018"] = "auto"
     views: Literal["ct", "mri", "microscopy", "reid", "natural"] = "natural"
-    size: list[int] = field(default_factory=lambda: [64, 64])  # (H, W) or (D, H, W)
-    channels: int = 3
-    workers: int = 0
-    slice_axis: int = 2  # for msd_slices: the axis slices are taken along
+    size: list[PositiveInt] = field(default_factory=lambda: [64, 64])  # (H, W) or (D, H, W)
+    channels: PositiveInt = 3
+    workers: NonNegativeInt = 0
+    slice_axis: Axis = 2  # for msd_slices: the axis slices are taken along
     exclude_cases: list[str] = field(default_factory=list)  # MSD case ids left out (a held-out test split)
 
 
@@ -33,41 +43,41 @@ class MethodConfig:
     (``pretrain.methods.PAPER_DEFAULTS``)."""
 
     name: Literal["simclr", "moco", "byol", "simsiam"] = "simclr"
-    temperature: float | None = None  # SimCLR 0.1, MoCo 0.2
-    proj_hidden: int | None = None
-    proj_out: int | None = None
-    pred_hidden: int | None = None  # BYOL, SimSiam
-    queue_size: int | None = None  # MoCo
-    momentum: float | None = None  # MoCo key encoder
-    tau_base: float | None = None  # BYOL target EMA at step 0
+    temperature: Positive | None = None  # SimCLR 0.1, MoCo 0.2
+    proj_hidden: PositiveInt | None = None
+    proj_out: PositiveInt | None = None
+    pred_hidden: PositiveInt | None = None  # BYOL, SimSiam
+    queue_size: PositiveInt | None = None  # MoCo
+    momentum: UnitInterval | None = None  # MoCo key encoder EMA decay (1 = frozen)
+    tau_base: UnitInterval | None = None  # BYOL target EMA at step 0
 
 
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "lars", "adamw"] = "sgd"
-    lr: float = 0.06  # for a batch of 256; scaled linearly with the global batch
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    grad_clip: float = 0.0  # max global norm; 0 = off
+    lr: Positive = 0.06  # for a batch of 256; scaled linearly with the global batch
+    weight_decay: NonNegative = 5e-4
+    momentum: ProperFraction = 0.9  # sgd and lars
+    warmup_epochs: NonNegative = 1.0
+    grad_clip: NonNegative = 0.0  # max global norm; 0 = off
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64  # per process
-    max_steps: int = 0  # stop after this many steps in total (0 = run all epochs)
-    seed: int = 0
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64  # per process
+    max_steps: NonNegativeInt = 0  # stop after this many steps in total (0 = run all epochs)
+    seed: NonNegativeInt = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # fp32 = no autocast
     channels_last: bool = True
-    ckpt_every_steps: int = 200
-    keep_last: int = 2
-    log_every_steps: int = 10
-    knn_every_epochs: int = 1  # kNN monitor when the data has labels (0 = off)
-    knn_k: int = 20
-    knn_temperature: float = 0.1
+    ckpt_every_steps: PositiveInt = 200
+    keep_last: PositiveInt = 2
+    log_every_steps: PositiveInt = 10
+    knn_every_epochs: NonNegativeInt = 1  # kNN monitor when the data has labels (0 = off)
+    knn_k: PositiveInt = 20
+    knn_temperature: Positive = 0.1
     progress: bool = True
 
 

@@ -7,17 +7,18 @@ that the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from engine.sampling import sample_seed
 from pretrain.config import DataConfig
 from pretrain.views import TwoViews
-from twinview.data.errors import DataError
+from twinview.errors import DataError
 
 Loader = Callable[[], np.ndarray]
 
@@ -100,11 +101,6 @@ def load_samples(cfg: DataConfig) -> Samples:
     return Samples([_image_loader(r.path) for r in recs], [r.path.name for r in recs])
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """One 63-bit seed per (run seed, epoch, item), independent of workers and ranks."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
 class TwoViewDataset(Dataset):
     """Applies a two-view transform to each sample, with per-item seeding (see module docstring)."""
 
@@ -121,34 +117,6 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.views.set_seed(sample_seed(self.seed, self.epoch, index))
         return self.views(self.samples.loaders[index]())
-
-
-class ResumableSampler(Sampler[int]):
-    """A seeded permutation per epoch, split across ranks, that can start part-way into an epoch.
-
-    Like ``DistributedSampler(drop_last=True)``: each rank gets ``len(dataset) // world`` indices.
-    ``start`` skips the first indices of this rank's share (for resuming mid-epoch).
-    """
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        per_rank = self.n // self.world
-        return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start:])
-
-    def __len__(self) -> int:
-        return self.n // self.world - self.start
 
 
 def collate_views(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

@@ -55,7 +55,7 @@ def nt_xent(
 
     Distributed use: each rank passes its local ``z1``, ``z2`` (n rows each) as anchors and
     the embeddings gathered from all ranks, in rank order, as ``z1_all``, ``z2_all`` (N = W*n rows
-    each; gather them with gradients, see ``pretrain.distributed.gather_with_grad``), with
+    each; gather them with gradients, see ``engine.distributed.gather_with_grad``), with
     ``offset = rank * n``, the position of the local rows in the gathered set. The local anchors
     are then contrasted with all 2N candidates. The mean over ranks of the local losses equals
     the single-process loss on the concatenated batch.

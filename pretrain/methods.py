@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.distributed import gather_no_grad, gather_with_grad, rank
+from engine.distributed import gather_no_grad, gather_with_grad, rank
 from pretrain.heads import (
     MLPHead,
     byol_prediction,

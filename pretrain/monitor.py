@@ -19,15 +19,9 @@ from torch import nn
 
 from pretrain.config import DataConfig, PretrainConfig
 from pretrain.datasets import resolve_kind
-from pretrain.evaluation import (
-    RetrievalScores,
-    embedding_map,
-    extract_features,
-    pairwise_distance,
-    retrieval_scores,
-    weighted_knn_accuracy,
-)
+from pretrain.evaluation import embedding_map, extract_features, weighted_knn_accuracy
 from pretrain.views import eval_transform
+from twinview.retrieval import RetrievalScores, market1501_scores, pairwise_distance
 
 
 def image_batches(paths: Sequence[Path], transform, batch_size: int = 128) -> Iterator[torch.Tensor]:  # noqa: ANN001
@@ -62,9 +56,9 @@ def embed_market(data: DataConfig, encoder: nn.Module, device: torch.device,
                          amp_dtype)
     q_pids = np.array([r.pid for r in market.query])
     g_pids = np.array([r.pid for r in market.gallery])
-    scores = retrieval_scores(pairwise_distance(q, g, metric="cosine"), q_pids, g_pids,
-                              np.array([r.camid for r in market.query]),
-                              np.array([r.camid for r in market.gallery]))
+    scores = market1501_scores(pairwise_distance(q, g, metric="cosine"), q_pids, g_pids,
+                               np.array([r.camid for r in market.query]),
+                               np.array([r.camid for r in market.gallery]))
     return MarketEmbedding(q, g, q_pids, g_pids, scores)
 
 

@@ -11,6 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pretrain.views import build_views, eval_transform, preset_metadata
+from twinview.errors import DataError
 
 CELL_PX = 128  # height of one grid cell in pixels; the width follows the output aspect ratio
 _DPI = 100
@@ -69,10 +70,10 @@ def save_view_grid(
 def _displayable(view: torch.Tensor, meta: dict[str, Any]) -> np.ndarray:
     """A view as an HxW or HxWx3 array in [0, 1]: undo mean/std; z-scores shown over [-3, 3]."""
     x = view[:, view.shape[1] // 2] if view.ndim == 4 else view
-    mean = torch.tensor(meta["mean"]).view(-1, 1, 1)
-    std = torch.tensor(meta["std"]).view(-1, 1, 1)
-    x = x * std + mean
-    if meta["intensity"] == "zscore_nonzero":
+    intensity = meta["intensity"]
+    if intensity["kind"] == "mean_std":
+        x = x * torch.tensor(intensity["std"]).view(-1, 1, 1) + torch.tensor(intensity["mean"]).view(-1, 1, 1)
+    elif intensity["kind"] == "zscore_nonzero":
         x = (x + 3.0) / 6.0
     x = x.clamp(0.0, 1.0).numpy()
     return x[0] if x.shape[0] != 3 else x.transpose(1, 2, 0)
@@ -89,7 +90,7 @@ def save_view_grid_from_data(preset: str, data: str | Path, out_png: str | Path,
     kind = resolve_kind(cfg)
     if volumes:
         if kind != "msd_slices":
-            raise ValueError(f"{data}: 3D views need an MSD folder, found {kind}")
+            raise DataError(data, f"3D views need an MSD folder of volumes; this is {kind} data")
         kind = "msd_3d"
     samples = load_samples(DataConfig(path=str(data), kind=kind))
     spatial_dims = samples.spatial_dims

@@ -281,42 +281,31 @@ def eval_transform(
 def preset_metadata(
     preset: str, size: Sequence[int], spatial_dims: int = 2, channels: int | None = None, **overrides: Any
 ) -> dict[str, Any]:
-    """JSON-serialisable description of :func:`eval_transform`, for ONNX export and the apps.
-
-    Apply in order: ``intensity`` mapping, ``resize`` to ``size`` (3D: centre crop, then zero-pad),
-    ``(x - mean) / std`` per channel, channel-first layout; ``range`` is the resulting value range
-    (``None``: unbounded z-scores).
-    """
+    """:func:`eval_transform` in the model card's preprocessing vocabulary (:mod:`twinview.model_card`):
+    ``intensity`` (``ct_window``, ``zscore_nonzero``, ``percentile`` or ``mean_std``), then ``resize``
+    to the input size (3D: centre crop, then zero-pad), channel-first layout."""
     size, channels, params = _resolve(preset, size, spatial_dims, channels, overrides)
-    meta: dict[str, Any] = {
-        "preset": preset,
-        "spatial_dims": spatial_dims,
-        "size": list(size),
-        "channels": channels,
-        "layout": "CDHW" if spatial_dims == 3 else "CHW",
-        "channel_policy": "drop alpha; repeat a single channel; RGB to grey (ITU-R 601) if channels == 1",
-        "mean": [0.0] * channels,
-        "std": [1.0] * channels,
-        "range": [0.0, 1.0],
-        "resize": "center_crop_then_pad" if spatial_dims == 3 else "resize_bilinear",
-    }
     if preset == "ct":
-        meta.update(intensity="hu_window", window=[float(v) for v in params["window"]])
+        center, width = (float(v) for v in params["window"])
+        intensity: dict[str, Any] = {"kind": "ct_window", "window": [center - width / 2, center + width / 2]}
     elif preset == "mri":
-        meta.update(intensity="zscore_nonzero", range=None)
+        intensity = {"kind": "zscore_nonzero"}
     elif preset == "microscopy":
-        meta.update(intensity="percentile", percentiles=[float(v) for v in params["percentiles"]])
+        intensity = {"kind": "percentile", "percentiles": [float(v) for v in params["percentiles"]]}
     else:
-        meta.update(intensity="uint8/255", mean=list(_IMAGENET_MEAN), std=list(_IMAGENET_STD))
-        meta["range"] = [
-            min((0.0 - m) / s for m, s in zip(_IMAGENET_MEAN, _IMAGENET_STD, strict=True)),
-            max((1.0 - m) / s for m, s in zip(_IMAGENET_MEAN, _IMAGENET_STD, strict=True)),
-        ]
+        intensity = {"kind": "mean_std", "mean": list(_IMAGENET_MEAN), "std": list(_IMAGENET_STD),
+                     "max_value": 255.0}
+    meta: dict[str, Any] = {
+        "intensity": intensity,
+        "resize": "center_crop_then_pad" if spatial_dims == 3 else "resize_bilinear",
+        "orientation": "",
+        "spacing": None,
+        "slice_axis": None,
+        "channel_policy": "drop alpha; repeat a single channel; RGB to grey (ITU-R 601) if channels == 1",
+    }
     if preset == "natural":
-        meta.update(
-            resize="shorter_side_then_center_crop",
-            shorter_side=round(max(size) / _EVAL_CROP_FRACTION),
-        )
+        meta.update(resize="shorter_side_then_center_crop",
+                    shorter_side=round(max(size) / _EVAL_CROP_FRACTION))
     return meta
 
 

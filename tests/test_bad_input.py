@@ -33,7 +33,7 @@ from reader_builders import (
 
 from twinview.data.dicom import load_dicom_series, read_dicom_series
 from twinview.data.dsb2018 import load_nuclei, read_dsb2018
-from twinview.data.errors import DataError
+from twinview.errors import DataError
 from twinview.data.images import load_image, read_image_folder
 from twinview.data.inspect import detect_format, inspect_path
 from twinview.data.market1501 import parse_market_name, read_market1501

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from twinview.cli import main
+from twinview_cli.main import main
 
 SUBCOMMANDS = (["data"], ["data", "inspect"], ["data", "synth"], ["pretrain"], ["views"], ["demo"],
                ["seg"], ["seg", "train"], ["seg", "predict"], ["seg", "eval"], ["reid"], ["reid", "train"],

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pretrain.distributed import gather_no_grad, gather_with_grad, is_dist, rank, world_size
+from engine.distributed import gather_no_grad, gather_with_grad, is_dist, rank, world_size
 from pretrain.heads import MLPHead
 from pretrain.methods import MoCoV2, SimCLR
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.checkpoint import (
+from engine.checkpoint import (
     atomic_save,
     latest_checkpoint,
     list_checkpoints,

@@ -16,7 +16,7 @@ from downstream.reid.index import IndexModelMismatch
 from downstream.reid.train import lr_factor, run_reid
 from tests.reader_builders import snapshot
 from twinview.config import load_config
-from twinview.data.errors import DataError
+from twinview.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_schedule_warmup_step_and_cosine() -> None:
 
 def test_train_eval_index_query_end_to_end(tmp_path: Path, synth_market: Path,
                                            capsys: pytest.CaptureFixture) -> None:
-    from twinview.cli import main
+    from twinview_cli.main import main
 
     before = snapshot(synth_market)
     run = tmp_path / "run"
@@ -95,7 +95,7 @@ def test_label_free_path_and_pretrained_start(tmp_path: Path, synth_market: Path
     """A pretraining run's encoder is evaluated without labels and loads into the re-ID backbone."""
     from downstream.reid.config import ReIDEvalConfig
     from downstream.reid.evaluate import evaluate_market, load_reid_model
-    from pretrain.checkpoint import atomic_save
+    from engine.checkpoint import atomic_save
     from pretrain.encoders import build_encoder
 
     torch.manual_seed(1)

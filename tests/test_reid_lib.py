@@ -1,5 +1,5 @@
-"""Re-ID library: metrics wrapper, k-reciprocal re-ranking, losses, strong-baseline model, P x K sampler,
-faiss retrieval index."""
+"""Re-ID library: k-reciprocal re-ranking, losses, strong-baseline model, P x K sampler, faiss retrieval
+index (the Market-1501 metrics: tests/test_retrieval.py)."""
 
 from __future__ import annotations
 
@@ -23,46 +23,11 @@ from downstream.reid.index import (
     model_fingerprint,
 )
 from downstream.reid.losses import batch_hard_triplet_loss, id_loss
-from downstream.reid.metrics import evaluate, evaluate_scores, rank_table
 from downstream.reid.model import GeM, ReIDModel, embed
 from downstream.reid.rerank import re_rank
 from downstream.reid.sampler import PKSampler
 from pretrain.encoders import build_encoder, load_encoder_weights
-
-# --------------------------------------------------------------------------- metrics
-
-
-def test_evaluate_protocol_combined_by_hand() -> None:
-    # Query pid 1 cam 0; gallery in distance order: pid 1 cam 0 (same camera: ignored), junk (-1:
-    # ignored), distractor (0: wrong), pid 1 cam 2 (match), pid 3. Kept: [0, 1, 3] -> match at rank 2:
-    # AP = INP = 1/2, cmc = [0, 1, 1, 1, 1] (padded to G = 5).
-    d = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]], dtype=np.float32)
-    cmc, m_ap, m_inp = evaluate(d, [1], [1, -1, 0, 1, 3], [0], [0, 1, 1, 2, 1])
-    np.testing.assert_allclose(cmc, [0, 1, 1, 1, 1])
-    assert m_ap == pytest.approx(0.5) and m_inp == pytest.approx(0.5)
-    # A second query (pid 3) whose only gallery image shares its camera is skipped and counted.
-    res = evaluate_scores(np.vstack([d, d]), [1, 3], [1, -1, 0, 1, 3], [0, 1], [0, 1, 1, 2, 1], max_rank=2)
-    assert (res.num_valid, res.num_skipped) == (1, 1)
-    np.testing.assert_allclose(res.cmc, [0, 1])
-
-
-@pytest.mark.parametrize("bad_pid", [0, -1])
-def test_evaluate_rejects_non_identity_queries(bad_pid: int) -> None:
-    # A distractor query would count the distractors as true matches.
-    with pytest.raises(ValueError, match="real identity"):
-        evaluate(np.zeros((2, 2), np.float32), [1, bad_pid], [0, 1], [0, 0], [1, 1])
-    with pytest.raises(ValueError, match="no queries"):
-        evaluate(np.zeros((0, 2), np.float32), [], [0, 1], [], [1, 1])
-
-
-def test_rank_table_markdown() -> None:
-    cmc = np.array([0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.9, 0.9, 0.95])
-    assert rank_table(cmc, 0.4321, 0.1, ranks=(1, 5, 10)) == (
-        "| Rank-1 | Rank-5 | Rank-10 | mAP | mINP |\n| ---: | ---: | ---: | ---: | ---: |\n"
-        "| 50.0 | 80.0 | 95.0 | 43.2 | 10.0 |\n")
-    with pytest.raises(ValueError, match="outside"):
-        rank_table(cmc[:5], 0.4, 0.1)
-
+from twinview.retrieval import market1501_scores
 
 # --------------------------------------------------------------------------- re-ranking
 
@@ -132,8 +97,9 @@ def test_re_rank_recovers_match_hidden_behind_hard_negative() -> None:
     q = np.array([[0.0, 0.0]])
     g = np.array([[-1.0, 0], [-1.3, 0.1], [-1.3, -0.1], [-1.4, 0], [1.1, 0], [1.2, 0.1], [1.2, -0.1]])
     ids = ([1], [2, 2, 2, 2, 1, 1, 1], [0], [1] * 7)
-    before = evaluate(cdist(q, g), *ids)[1]
-    after = evaluate(re_rank(cdist(q, g), cdist(q, q), cdist(g, g), k1=3, k2=1, lambda_value=0.3), *ids)[1]
+    before = market1501_scores(cdist(q, g), *ids).mAP
+    after = market1501_scores(re_rank(cdist(q, g), cdist(q, q), cdist(g, g), k1=3, k2=1, lambda_value=0.3),
+                              *ids).mAP
     assert before == pytest.approx((1 / 2 + 2 / 3 + 3 / 4) / 3)
     assert after == pytest.approx(1.0)
 

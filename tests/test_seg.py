@@ -15,11 +15,11 @@ from downstream.seg.config import SegConfig, SegDataConfig, SegModelConfig
 from downstream.seg.data import PatchDataset, load_case, make_split, read_task, train_transform
 from downstream.seg.metrics import case_metrics
 from downstream.seg.model import build_seg_model, load_pretrained_encoder, tensors_equal
-from pretrain.checkpoint import atomic_save
+from engine.checkpoint import atomic_save
 from pretrain.encoders import build_encoder
 from tests.reader_builders import snapshot, write_nifti
 from twinview.config import ConfigError, load_config
-from twinview.data.errors import DataError
+from twinview.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {0: "background", 1: "anterior", 2: "posterior"}
@@ -258,7 +258,7 @@ def _tiny(synth_msd: Path, out: Path, *extra: str) -> SegConfig:
 
 def test_train_predict_eval_2d_end_to_end(tmp_path: Path, synth_msd: Path,
                                           capsys: pytest.CaptureFixture) -> None:
-    from twinview.cli import main
+    from twinview_cli.main import main
 
     before = snapshot(synth_msd)
     run = tmp_path / "run"
@@ -278,7 +278,7 @@ def test_train_predict_eval_2d_end_to_end(tmp_path: Path, synth_msd: Path,
     assert (run / "loss_curve.png").stat().st_size > 0 and (run / "config.yaml").exists()
     assert sorted(p.name for p in (run / "overlays").iterdir()) == sorted(f"{c}.png" for c in split["test"])
     payload = torch.load(run / "model.pt", weights_only=True)
-    assert payload["model_config"]["preprocessing"]["normalize"] == "zscore"
+    assert payload["model_config"]["preprocessing"]["intensity"] == {"kind": "zscore_nonzero"}
 
     # predict on the unlabelled test images: masks with the input's affine and shape, plus volumes
     pred_dir = tmp_path / "pred"

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from twinview.data import synth
 from twinview.data.dsb2018 import load_nuclei, read_dsb2018
-from twinview.data.errors import DataError
+from twinview.errors import DataError
 from twinview.data.market1501 import read_market1501
 from twinview.data.msd import read_msd
 from twinview.data.synth import generate

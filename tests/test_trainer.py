@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from pretrain.checkpoint import list_checkpoints, load_checkpoint
+from engine.checkpoint import list_checkpoints, load_checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.encoders import build_encoder
 from twinview.config import load_config
@@ -52,7 +52,7 @@ def test_a_run_writes_checkpoints_logs_plots_and_encoder(synth_market: Path, tmp
     saved = torch.load(result.encoder_path, weights_only=True)
     encoder = build_encoder("resnet18", in_channels=3, spatial_dims=2, small_stem=True)
     encoder.load_state_dict(saved["encoder"])
-    assert saved["encoder_config"]["preprocessing"]["size"] == [16, 8]
+    assert saved["encoder_config"]["size"] == [16, 8]
     assert 0.0 <= result.monitor["rank1"] <= 1.0 and (run / "embedding_map.png").exists()
 
 

@@ -62,7 +62,9 @@ def rgb_uint8(shape: tuple[int, int]) -> np.ndarray:
     return np.random.default_rng(4).integers(0, 256, (*shape, 3)).astype(np.uint8)
 
 
-IMAGENET_RANGE = tuple(preset_metadata("natural", (8, 8))["range"])
+_NORM = preset_metadata("natural", (8, 8))["intensity"]
+IMAGENET_RANGE = (min(-m / s for m, s in zip(_NORM["mean"], _NORM["std"], strict=True)),
+                  max((1 - m) / s for m, s in zip(_NORM["mean"], _NORM["std"], strict=True)))
 
 # preset, spatial_dims, input factory, output size, expected channels, value range (None: z-scores)
 CASES: list[tuple[str, int, Callable[[], np.ndarray], tuple[int, ...], int, tuple[float, float] | None]] = [
@@ -110,9 +112,9 @@ def test_ct_has_no_colour_and_replicated_channels_are_equal() -> None:
 def test_ct_eval_is_the_documented_hu_window() -> None:
     hu = ct_slice((64, 64))
     meta = preset_metadata("ct", (64, 64), window=(-600.0, 1500.0))
-    center, width = meta["window"]
-    assert meta["intensity"] == "hu_window" and meta["range"] == [0.0, 1.0]
-    expected = np.clip((hu.astype(np.float32) - (center - width / 2)) / width, 0.0, 1.0)
+    assert meta["intensity"] == {"kind": "ct_window", "window": [-1350.0, 150.0]}
+    low, high = meta["intensity"]["window"]
+    expected = np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0)
     out = eval_transform("ct", (64, 64), window=(-600.0, 1500.0))(hu)
     np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-5)
 
@@ -214,12 +216,13 @@ def test_dataloader_workers_draw_different_but_reproducible_views() -> None:
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preset_metadata_is_json_and_matches_channels(preset: str) -> None:
+def test_preset_metadata_is_json_in_the_card_vocabulary(preset: str) -> None:
     meta = preset_metadata(preset, (64, 32))
     assert json.loads(json.dumps(meta)) == meta
-    assert meta["size"] == [64, 32] and len(meta["mean"]) == len(meta["std"]) == meta["channels"]
-    assert meta["intensity"] in {"hu_window", "zscore_nonzero", "percentile", "uint8/255"}
-    assert preset_metadata(preset, (8, 8))["channels"] == (1 if preset in ("ct", "mri") else 3)
+    kind = meta["intensity"]["kind"]
+    assert kind == {"ct": "ct_window", "mri": "zscore_nonzero", "microscopy": "percentile"}.get(preset, "mean_std")
+    if kind == "mean_std":
+        assert len(meta["intensity"]["mean"]) == len(meta["intensity"]["std"]) == 3
 
 
 def test_bad_arguments_raise() -> None:

@@ -1,8 +1,9 @@
 """twinview: contrastive self-supervised learning for medical segmentation and person re-ID.
 
-Layers, each importing only the ones below it:
-``apps`` -> ``downstream`` -> ``pretrain`` -> ``twinview.data`` (readers, synthetic data).
-``twinview.cli`` sits on top and imports the others lazily, per subcommand.
+This package is the torch-free ground floor: data readers, configs, the model card, the run folder,
+provenance and the retrieval protocol. Layers, each importing only the ones below it:
+``twinview_cli`` -> ``downstream`` -> ``pretrain`` -> ``engine`` (the training kit) -> ``twinview``;
+``apps`` -> ``twinview``.
 """
 
 __version__ = "0.1.0"

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+from twinview.config import (
+    Fraction,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    PositiveInt,
+    ProperFraction,
+    Range,
+    UnitInterval,
+)
+
+AtLeastTwo = Annotated[int, Range(ge=2)]
 
 
 @dataclass
 class ReIDDataConfig:
     path: str = ""  # a Market-1501 folder (bounding_box_train/, query/, bounding_box_test/)
-    size: list[int] = field(default_factory=lambda: [128, 64])  # (H, W); every crop is resized to it
+    size: list[PositiveInt] = field(default_factory=lambda: [128, 64])  # (H, W); every crop is resized to it
     augment: Literal["baseline", "reid"] = "baseline"  # baseline: flip, pad+crop, random erasing;
     # reid: one view of the contrastive `reid` preset (crop, flip, colour, grey, erasing)
 
@@ -18,41 +31,43 @@ class ReIDDataConfig:
 class ReIDModelConfig:
     encoder: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
     encoder_weights: str = ""  # a pretraining run folder or its encoder.pt; "" = random init
-    last_stride: int = 1  # 1 doubles the last feature map (strong baseline); 2 = the ResNet's own
+    last_stride: Literal[1, 2] = 1  # 1 doubles the last feature map (strong baseline); 2 = the ResNet's own
     pooling: Literal["avg", "gem"] = "avg"
 
 
 @dataclass
 class ReIDLossConfig:
-    id_weight: float = 1.0
-    triplet_weight: float = 1.0
-    margin: float | None = 0.3  # null: soft-margin triplet loss
-    label_smoothing: float = 0.1
+    id_weight: NonNegative = 1.0
+    triplet_weight: NonNegative = 1.0
+    margin: Positive | None = 0.3  # null: soft-margin triplet loss
+    label_smoothing: ProperFraction = 0.1
 
 
 @dataclass
 class ReIDOptimConfig:
-    lr: float = 3.5e-4  # Adam
-    weight_decay: float = 5e-4
-    backbone_lr_mult: float = 1.0
-    warmup_epochs: int = 2  # linear from lr / 10
+    lr: Positive = 3.5e-4  # Adam
+    weight_decay: NonNegative = 5e-4
+    backbone_lr_mult: NonNegative = 1.0
+    warmup_epochs: NonNegativeInt = 2  # linear from lr / 10
     schedule: Literal["step", "cosine"] = "cosine"
-    milestones: list[int] = field(default_factory=lambda: [40, 70])  # step schedule: epochs where lr x gamma
-    gamma: float = 0.1
-    grad_clip: float = 0.0
+    # step schedule: the epochs where lr is multiplied by gamma
+    milestones: list[NonNegativeInt] = field(default_factory=lambda: [40, 70])
+    gamma: Fraction = 0.1
+    grad_clip: NonNegative = 0.0  # max global norm; 0 = off
 
 
 @dataclass
 class ReIDTrainConfig:
-    epochs: int = 60
-    p: int = 16  # identities per batch
-    k: int = 4  # images per identity
-    seed: int = 0
+    epochs: PositiveInt = 60
+    p: AtLeastTwo = 16  # identities per batch (>= 2: the triplet loss needs negatives)
+    k: AtLeastTwo = 4  # images per identity (>= 2: the triplet loss needs positives)
+    seed: NonNegativeInt = 0
+    deterministic: bool = False  # deterministic kernels only (slower; for bitwise-repeatable runs)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    ckpt_every_steps: int = 200
-    keep_last: int = 2
-    log_every_steps: int = 10
+    ckpt_every_steps: PositiveInt = 200
+    keep_last: PositiveInt = 2
+    log_every_steps: PositiveInt = 10
     progress: bool = True
 
 
@@ -61,10 +76,10 @@ class ReIDEvalConfig:
     flip: bool = True  # average the features of each crop and its mirror image
     metric: Literal["cosine", "euclidean"] = "cosine"
     rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017)
-    k1: int = 20
-    k2: int = 6
-    lambda_value: float = 0.3
-    batch_size: int = 128
+    k1: PositiveInt = 20
+    k2: PositiveInt = 6
+    lambda_value: UnitInterval = 0.3
+    batch_size: PositiveInt = 128
 
 
 @dataclass

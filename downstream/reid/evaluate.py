@@ -18,11 +18,12 @@ import torch
 
 from downstream.reid.config import ReIDEvalConfig
 from downstream.reid.data import as_arrays, eval_pipeline, load_batch
-from downstream.reid.metrics import evaluate_scores, rank_table
 from downstream.reid.model import ReIDModel, embed
-from pretrain.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from pretrain.encoders import load_encoder_weights
 from pretrain.views import preset_metadata
+from twinview.errors import DataError
+from twinview.retrieval import market1501_scores, pairwise_distance, rank_table
 
 TOP_K_QUERIES = 6
 
@@ -35,25 +36,30 @@ def load_reid_model(path: str | Path, device: torch.device | str = "cpu",
     if path.is_dir():
         path = path / "model.pt" if (path / "model.pt").exists() else path / "encoder.pt"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no model.pt (re-ID run) or encoder.pt (pretraining run)")
+        raise DataError(path, "no model.pt (re-ID run) or encoder.pt (pretraining run) here")
     payload = load_checkpoint(path, map_location=device)
+    if not isinstance(payload, dict):
+        raise DataError(path, "not a twinview re-ID model or encoder file")
     if "model_config" in payload:
         meta = dict(payload["model_config"])
         model = ReIDModel(meta["num_classes"], meta["encoder"], meta["last_stride"], meta["pooling"])
         model.load_state_dict(payload["model"])
+        if not isinstance(meta["preprocessing"].get("intensity"), dict):  # written before the model card
+            meta["preprocessing"] = preset_metadata("reid", tuple(meta["size"]))
     elif "encoder_config" in payload:
         enc = payload["encoder_config"]
         if enc.get("spatial_dims") != 2 or enc.get("in_channels") != 3 or enc.get("small_stem"):
-            raise ValueError(f"{path}: a re-ID model needs a 2D RGB encoder with the standard stem, "
-                             f"got {enc}")
-        crop = list(size or enc.get("preprocessing", {}).get("size", [128, 64]))
+            raise DataError(path, "a re-ID model needs a 2D RGB encoder with the standard stem; this one "
+                                  f"has spatial_dims={enc.get('spatial_dims')}, "
+                                  f"in_channels={enc.get('in_channels')}, small_stem={enc.get('small_stem')}")
+        crop = list(size or enc.get("size") or enc.get("preprocessing", {}).get("size", [128, 64]))
         model = ReIDModel(0, enc["name"], last_stride=1, pooling="avg")
         load_encoder_weights(model.backbone, payload["encoder"])
         meta = {"encoder": enc["name"], "last_stride": 1, "pooling": "avg", "num_classes": 0, "size": crop,
                 "source": "pretrain", "method": enc.get("method"),
                 "preprocessing": preset_metadata("reid", tuple(crop))}
     else:
-        raise ValueError(f"{path}: neither a re-ID model nor a pretrained encoder")
+        raise DataError(path, "neither a re-ID model nor a pretrained encoder")
     if size is not None:
         meta["size"] = list(size)
         meta["preprocessing"] = preset_metadata("reid", tuple(size))
@@ -91,14 +97,6 @@ def extract(model: ReIDModel, paths: Sequence[Path], size: Sequence[int], device
     return torch.cat(feats).numpy()
 
 
-def distances(q: np.ndarray, g: np.ndarray, metric: str) -> np.ndarray:
-    """Query x gallery distances of L2-normalised features: ``1 - cos`` or Euclidean."""
-    sim = q @ g.T
-    if metric == "cosine":
-        return 1.0 - sim
-    return np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
-
-
 def evaluate_market(model: ReIDModel, meta: dict[str, Any], data_path: str | Path, ecfg: ReIDEvalConfig,
                     out_dir: Path, device: torch.device, progress: bool = True) -> dict[str, float]:
     """Score ``query/`` against ``bounding_box_test/``; writes ``eval.json``, ``eval.md``,
@@ -111,14 +109,15 @@ def evaluate_market(model: ReIDModel, meta: dict[str, Any], data_path: str | Pat
                 "query")
     g = extract(model, [r.path for r in market.gallery], size, device, ecfg.batch_size, ecfg.flip, progress,
                 "gallery")
-    dist = distances(q, g, ecfg.metric)
+    dist = pairwise_distance(q, g, ecfg.metric, normalized=True)
     if ecfg.rerank:
         from downstream.reid.rerank import re_rank
 
-        dist = re_rank(dist, distances(q, q, ecfg.metric), distances(g, g, ecfg.metric), ecfg.k1, ecfg.k2,
+        dist = re_rank(dist, pairwise_distance(q, q, ecfg.metric, normalized=True),
+                       pairwise_distance(g, g, ecfg.metric, normalized=True), ecfg.k1, ecfg.k2,
                        ecfg.lambda_value)
     (q_pids, q_cams), (g_pids, g_cams) = as_arrays(market.query), as_arrays(market.gallery)
-    scores = evaluate_scores(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50)
+    scores = market1501_scores(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50)
     cmc = scores.cmc
     result = {"rank1": float(cmc[0]), "rank5": float(cmc[4]), "rank10": float(cmc[9]),
               "mAP": float(scores.mAP), "mINP": float(scores.mINP), "queries": len(q_pids),
@@ -183,3 +182,16 @@ def plot_top10(dist: np.ndarray, query: Sequence, gallery: Sequence, out: Path, 
     fig.tight_layout()
     fig.savefig(out)
     return out
+
+
+def evaluate_run(model_path: Path, data: Path, out: Path, metric: str = "cosine", rerank: bool = False,
+                 flip: bool = True, size: Sequence[int] | None = None, device: str = "auto") -> str:
+    """``twinview reid eval``: score a re-ID run or a pretraining run on ``data``; returns eval.md."""
+    from engine.device import select_device
+    from twinview.run_folder import refuse_file_as_folder
+
+    refuse_file_as_folder(out)
+    dev = select_device(device)
+    model, meta = load_reid_model(model_path, dev, size=size)
+    evaluate_market(model, meta, data, ReIDEvalConfig(flip=flip, metric=metric, rerank=rerank), out, dev)
+    return (out / "eval.md").read_text()

@@ -22,11 +22,12 @@ class PKSampler(Sampler[int]):
     groups are left out), and the batch order is shuffled. So an epoch covers about every image once
     (like torchreid's ``RandomIdentitySampler``) and has a fixed number of batches.
 
+    Under ``torchrun`` (``world`` processes) process ``rank`` takes every ``world``-th batch of the plan.
     ``set_epoch(epoch, start_batch)`` selects the epoch and skips its first ``start_batch`` batches (to
     resume mid-epoch); ``len()`` counts the indices still to come.
     """
 
-    def __init__(self, pids: Sequence[int], p: int, k: int, seed: int = 0):
+    def __init__(self, pids: Sequence[int], p: int, k: int, seed: int = 0, rank: int = 0, world: int = 1):
         if p < 1 or k < 1:
             raise ValueError(f"PKSampler: need p >= 1 and k >= 1, got p={p}, k={k}")
         ids, codes = np.unique(np.asarray(pids), return_inverse=True)
@@ -39,7 +40,9 @@ class PKSampler(Sampler[int]):
         while groups.max() > groups.sum() // p:  # an identity would need two slots of one batch
             groups = np.minimum(groups, groups.sum() // p)
         self._groups = groups
-        self.batches_per_epoch: int = int(groups.sum()) // p
+        self.rank, self.world = rank, world
+        self._all_batches = int(groups.sum()) // p
+        self.batches_per_epoch: int = self._all_batches // world  # this process's share
         self.epoch = 0
         self.start_batch = 0
 
@@ -50,7 +53,7 @@ class PKSampler(Sampler[int]):
         self.epoch, self.start_batch = epoch, start_batch
 
     def batches(self) -> np.ndarray:
-        """The epoch's full plan, (batches_per_epoch, p * k) dataset indices."""
+        """This process's plan of the epoch, (batches_per_epoch, p * k) dataset indices."""
         rng = np.random.default_rng([self.seed, self.epoch])
         groups = []
         for i in rng.permutation(len(self._members)):
@@ -59,9 +62,10 @@ class PKSampler(Sampler[int]):
                 groups.append(rng.choice(members, self.k, replace=True)[None])
             else:
                 groups.append(rng.permutation(members)[:g * self.k].reshape(g, self.k))
-        n = self.batches_per_epoch
+        n = self._all_batches
         lanes = np.concatenate(groups)[:n * self.p].reshape(self.p, n, self.k)  # lane j: positions jB..
-        return lanes.transpose(1, 0, 2).reshape(n, self.p * self.k)[rng.permutation(n)]
+        plan = lanes.transpose(1, 0, 2).reshape(n, self.p * self.k)[rng.permutation(n)]
+        return plan[self.rank::self.world][:self.batches_per_epoch]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.batches()[self.start_batch:].ravel().tolist())

@@ -1,14 +1,16 @@
 """Train the re-ID strong baseline (BNNeck, label-smoothed ID loss + batch-hard triplet, PK batches).
 
-The loop is ``downstream.loop`` (checkpoints, exact resume, progress, ``metrics.csv``). Schedule: Adam
-with a linear warm-up from lr/10 over ``warmup_epochs``, then step decay at ``milestones`` or cosine
-decay to 0. After training the run is evaluated on the Market-1501 query/gallery split; the run folder
-holds ``config.yaml``, ``model.pt`` (weights + metadata), ``metrics.csv``, ``loss_curve.png`` and the
-evaluation files of :func:`downstream.reid.evaluate.evaluate_market`.
+:class:`ReIDTrainTask` runs on the one training loop (:mod:`engine.loop`), also under
+``torchrun``. Schedule: Adam with a linear warm-up from lr/10 over ``warmup_epochs``, then step decay
+at ``milestones`` or cosine decay to 0. After training the run is evaluated on the Market-1501
+query/gallery split; the run folder holds ``config.yaml``, ``model.pt`` (weights + metadata),
+``model.json`` (its model card), ``metrics.csv``, ``loss_curve.png`` and the evaluation files of
+:func:`downstream.reid.evaluate.evaluate_market`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +20,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from downstream.loop import LoopSpec, run_loop
+from downstream.reid.card import reid_card
 from downstream.reid.config import ReIDConfig
 from downstream.reid.data import PersonDataset, camera_counts, train_pipeline
 from downstream.reid.losses import batch_hard_triplet_loss, id_loss
 from downstream.reid.model import ReIDModel
 from downstream.reid.sampler import PKSampler
-from pretrain.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
+from engine import distributed as dist_utils
+from engine.checkpoint import atomic_save, load_checkpoint
+from engine.device import describe_devices, select_amp, select_device, set_determinism
+from engine.loop import LoopSettings, Parts, Task, finished_result, train
 from pretrain.encoders import load_encoder_file
-from pretrain.trainer import plot_loss_curve, select_amp, select_device, set_determinism
 from pretrain.views import preset_metadata
-from twinview.config import save_config, to_dict
+from twinview import provenance
+from twinview.config import to_dict
+from twinview.run_folder import RunFolder
 
 
 @dataclass
@@ -38,6 +44,7 @@ class ReIDResult:
     final_loss: float
     model_path: Path
     metrics: dict[str, float]
+    report: str  # the evaluation as Markdown (eval.md)
 
 
 def model_metadata(cfg: ReIDConfig, num_classes: int, source: str) -> dict[str, Any]:
@@ -45,7 +52,8 @@ def model_metadata(cfg: ReIDConfig, num_classes: int, source: str) -> dict[str, 
     return {"encoder": m.encoder, "last_stride": m.last_stride, "pooling": m.pooling,
             "num_classes": num_classes, "size": list(cfg.data.size), "source": source,
             "encoder_weights": m.encoder_weights,
-            "preprocessing": preset_metadata("reid", tuple(cfg.data.size))}
+            "preprocessing": preset_metadata("reid", tuple(cfg.data.size)),
+            "data": {"name": Path(cfg.data.path).name, "kind": "market1501", "modality": "photo"}}
 
 
 def load_pretrained_backbone(model: ReIDModel, path: str | Path, encoder: str) -> dict[str, Any]:
@@ -79,73 +87,88 @@ def param_groups(model: ReIDModel, cfg: ReIDConfig) -> list[dict]:
             for (in_backbone, no_decay), ps in sorted(groups.items())]
 
 
-def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
-    """Train (or resume) a re-ID run, then evaluate it on the query/gallery split."""
-    from twinview.data.market1501 import read_market1501, relabel
+class ReIDTrainTask(Task):
+    """P x K batches of identity-labelled crops -> label-smoothed ID loss + batch-hard triplet loss."""
 
-    t = cfg.train
-    run_dir = Path(resume) if resume is not None else Path(cfg.out_dir)
-    ckpt_path = latest_checkpoint(run_dir) if resume is not None else None
-    done = (run_dir / "model.pt").exists()
-    if resume is not None and ckpt_path is None and not done:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
-    if resume is None and (latest_checkpoint(run_dir) is not None or done):
-        raise FileExistsError(f"{run_dir}: already holds a run; pass --resume {run_dir} or choose out_dir")
-    market = read_market1501(Path(cfg.data.path))
-    labels = relabel(market.train)
-    set_determinism(t.seed, deterministic=False)
-    device = select_device(t.device)
-    amp_dtype = select_amp(t.amp, device, 2)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    model = ReIDModel(len(labels), cfg.model.encoder, cfg.model.last_stride, cfg.model.pooling)
-    if cfg.model.encoder_weights:
-        load_pretrained_backbone(model, cfg.model.encoder_weights, cfg.model.encoder)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    meta = model_metadata(cfg, len(labels), "reid")
-    if done:
-        model.load_state_dict(load_checkpoint(run_dir / "model.pt", map_location=device)["model"])
-        steps, last_loss = -1, math.nan
-    else:
-        steps, last_loss = _train(cfg, market.train, labels, model, device, amp_dtype, run_dir, ckpt_path)
-        atomic_save({"model": model.state_dict(), "model_config": meta}, run_dir / "model.pt")
-        plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png", title="re-ID loss")
-    from downstream.reid.evaluate import evaluate_market
+    name = "re-ID"
 
-    metrics = evaluate_market(model, meta, cfg.data.path, cfg.eval, run_dir, device, progress=t.progress)
-    return ReIDResult(run_dir, steps, last_loss, run_dir / "model.pt", metrics)
+    def __init__(self, cfg: ReIDConfig, records: list, labels: dict[int, int], model: ReIDModel) -> None:
+        self.cfg, self.records, self.labels, self.model = cfg, records, labels, model
 
+    def build(self, device: torch.device, rank: int, world: int) -> Parts:
+        cfg, t = self.cfg, self.cfg.train
+        one_camera = sum(1 for n in camera_counts(self.records).values() if n == 1)
+        if one_camera and rank == 0:  # kept: they still teach the ID loss and serve as negatives
+            print(f"note: {one_camera} training identities were seen by one camera only (kept)")
+        self.dataset = PersonDataset(self.records, train_pipeline(cfg.data.augment, cfg.data.size),
+                                     self.labels, seed=t.seed)
+        self.sampler = PKSampler([r.pid for r in self.records], t.p, t.k, seed=t.seed, rank=rank, world=world)
+        batch = t.p * t.k
+        loader = DataLoader(self.dataset, batch_size=batch, sampler=self.sampler, drop_last=True,
+                            pin_memory=device.type == "cuda")
+        steps_per_epoch = self.sampler.batches_per_epoch
+        optimizer = torch.optim.Adam(param_groups(self.model, cfg))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda s: lr_factor(s, steps_per_epoch, cfg))
+        self.device = device
+        return Parts(self.model, optimizer, scheduler, loader, self.set_epoch, steps_per_epoch,
+                     steps_per_epoch * t.epochs, batch * world)
 
-def _train(cfg: ReIDConfig, records: list, labels: dict[int, int], model: ReIDModel, device: torch.device,
-           amp_dtype: torch.dtype | None, run_dir: Path, ckpt_path: Path | None) -> tuple[int, float]:
-    t, lc = cfg.train, cfg.loss
-    one_camera = sum(1 for n in camera_counts(records).values() if n == 1)
-    if one_camera:  # kept: they still teach the ID loss and serve as negatives
-        print(f"note: {one_camera} training identities were seen by one camera only (kept)")
-    dataset = PersonDataset(records, train_pipeline(cfg.data.augment, cfg.data.size), labels, seed=t.seed)
-    sampler = PKSampler([r.pid for r in records], t.p, t.k, seed=t.seed)
-    batch = t.p * t.k
-    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
-                        pin_memory=device.type == "cuda")
-    steps_per_epoch = sampler.batches_per_epoch
-    optimizer = torch.optim.Adam(param_groups(model, cfg))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
+    def set_epoch(self, epoch: int, done: int) -> None:
+        self.sampler.set_epoch(epoch, start_batch=done)
+        self.dataset.epoch = epoch
 
-    def set_epoch(epoch: int, done: int) -> None:
-        sampler.set_epoch(epoch, start_batch=done)
-        dataset.epoch = epoch
-
-    def compute_loss(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = b[0].to(device, non_blocking=True).to(memory_format=torch.channels_last)
-        y = b[1].to(device, non_blocking=True)
+    def compute_loss(self, model: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        lc = self.cfg.loss
+        x = b[0].to(self.device, non_blocking=True).to(memory_format=torch.channels_last)
+        y = b[1].to(self.device, non_blocking=True)
         feat, logits = model(x)
         return (lc.id_weight * id_loss(logits.float(), y, lc.label_smoothing)
                 + lc.triplet_weight * batch_hard_triplet_loss(feat.float(), y, lc.margin))
 
-    spec = LoopSpec(
-        model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, set_epoch=set_epoch,
-        steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs, compute_loss=compute_loss,
-        batch_size=batch, run_dir=run_dir, config=to_dict(cfg), device=device, amp_dtype=amp_dtype,
-        grad_clip=cfg.optim.grad_clip, ckpt_every=t.ckpt_every_steps, keep_last=t.keep_last,
-        log_every=t.log_every_steps, progress=t.progress, desc="re-ID")
-    return run_loop(spec, resume_from=ckpt_path)
+
+def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
+    """Train (or resume) a re-ID run, then evaluate it on the query/gallery split."""
+    from twinview.data.market1501 import read_market1501, relabel
+
+    dist_utils.setup_from_env()
+    is_main = dist_utils.rank() == 0
+    t = cfg.train
+    config = to_dict(cfg)
+    run = RunFolder.open(resume if resume is not None else cfg.out_dir, "model.pt", config,
+                         resume=resume is not None)
+    market = read_market1501(Path(cfg.data.path))
+    labels = relabel(market.train)
+    with run.lock() if is_main else contextlib.nullcontext():
+        set_determinism(t.seed, t.deterministic)
+        device = select_device(t.device)
+        amp_dtype = select_amp(t.amp, device, 2)
+        if is_main:
+            run.save_config(config)
+            run.record(provenance.collect(devices=describe_devices()))
+        model = ReIDModel(len(labels), cfg.model.encoder, cfg.model.last_stride, cfg.model.pooling)
+        meta = model_metadata(cfg, len(labels), "reid")
+        if cfg.model.encoder_weights:
+            meta["pretraining_method"] = load_pretrained_backbone(model, cfg.model.encoder_weights,
+                                                                  cfg.model.encoder).get("method")
+        model = model.to(device).to(memory_format=torch.channels_last)
+        settings = LoopSettings(device, amp_dtype, cfg.optim.grad_clip, t.ckpt_every_steps, t.keep_last,
+                                t.log_every_steps, t.progress)
+        if run.finished:
+            model.load_state_dict(load_checkpoint(run.path / "model.pt", map_location=device)["model"])
+            result = finished_result(run)
+        else:
+            result = train(ReIDTrainTask(cfg, market.train, labels, model), run, settings, config)
+            if is_main:
+                atomic_save({"model": model.state_dict(), "model_config": meta}, run.path / "model.pt")
+                reid_card(meta, model.feat_dim, run.path / "model.pt")
+        metrics: dict[str, float] = {}
+        report = ""
+        if is_main:
+            from downstream.reid.evaluate import evaluate_market
+
+            metrics = evaluate_market(model, meta, cfg.data.path, cfg.eval, run.path, device,
+                                      progress=t.progress)
+            report = (run.path / "eval.md").read_text()
+    dist_utils.cleanup()
+    return ReIDResult(run.path, result.steps, result.final_loss, run.path / "model.pt", metrics, report)

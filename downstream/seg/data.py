@@ -26,10 +26,11 @@ from torch.utils.data import Dataset
 from downstream.seg.config import SegDataConfig
 from pretrain.datasets import sample_seed
 from twinview.config import ConfigError
-from twinview.data.errors import DataError
+from twinview.errors import DataError
 
 KEYS = ("image", "label")
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis-code meaning (MONAI's default, given explicitly)
+PERCENTILES = (1.0, 99.0)  # microscopy: these percentiles map to [0, 1]
 
 
 @dataclass(frozen=True)
@@ -203,15 +204,23 @@ def intensity_transform(cfg: SegDataConfig, task: SegTask) -> mt.MapTransform:
     if mode == "ct_window":
         low, high = cfg.ct_window
         return mt.ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-    return mt.ScaleIntensityRangePercentilesd(keys="image", lower=1, upper=99, b_min=0.0, b_max=1.0,
+    low, high = PERCENTILES
+    return mt.ScaleIntensityRangePercentilesd(keys="image", lower=low, upper=high, b_min=0.0, b_max=1.0,
                                               clip=True, channel_wise=True)
 
 
 def preprocess_metadata(cfg: SegDataConfig, task: SegTask) -> dict[str, Any]:
-    """Plain metadata describing the preprocessing (for the model file and a later ONNX export)."""
-    return {"orientation": cfg.orientation if task.image_dims == 3 else "", "spacing": cfg.spacing,
-            "normalize": normalize_mode(cfg, task), "ct_window": list(cfg.ct_window),
-            "slice_axis": cfg.slice_axis, "roi": list(cfg.roi), "image_dims": task.image_dims}
+    """The preprocessing in the model card's vocabulary (:mod:`twinview.model_card`)."""
+    mode = normalize_mode(cfg, task)
+    intensity = {"zscore": {"kind": "zscore_nonzero"},
+                 "ct_window": {"kind": "ct_window", "window": [float(v) for v in cfg.ct_window]},
+                 "percentile": {"kind": "percentile", "percentiles": list(PERCENTILES)}}[mode]
+    policy = ("RGB: alpha dropped, grey repeated" if task.kind == "dsb2018"
+              else "as stored: a 4D volume's last axis holds the in_channels channels")
+    return {"intensity": intensity, "resize": "sliding_window",
+            "orientation": cfg.orientation if task.image_dims == 3 else "", "spacing": cfg.spacing,
+            "slice_axis": cfg.slice_axis if cfg.spatial_dims == 2 and task.image_dims == 3 else None,
+            "channel_policy": policy}
 
 
 def preprocess_case(case: Case, task: SegTask, cfg: SegDataConfig, with_label: bool = True) -> dict[str, Any]:

@@ -15,22 +15,39 @@ from downstream.seg.data import SegTask, preprocess_case, spacing_of
 from downstream.seg.inference import predict_logits
 from downstream.seg.metrics import case_metrics, summarize
 from downstream.seg.model import build_seg_model
-from pretrain.checkpoint import load_checkpoint
+from engine.checkpoint import load_payload
+from twinview.errors import DataError, display_path
 
 OVERLAY_CASES = 4
+_MODEL_KEYS = ("arch", "encoder", "unet_channels", "spatial_dims", "in_channels", "out_channels", "labels",
+               "task", "kind", "modality", "preprocessing")
 COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 140, 255], [250, 200, 40], [80, 220, 120]],
                    dtype=np.float32)
 
 
-def load_model(run: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained network of a run folder (or its ``model.pt``) and its metadata."""
+def model_file(run: str | Path) -> Path:
+    """The ``model.pt`` of a run folder (or the file given); ``DataError`` naming a missing one."""
+    from twinview.errors import missing_path
+
     path = Path(run)
+    if not path.is_dir() and not path.exists():
+        raise missing_path(path, "no such run folder or model file")
     path = path / "model.pt" if path.is_dir() else path
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no trained model "
-                                "(a finished `twinview seg train` run writes model.pt)")
-    payload = load_checkpoint(path, map_location=device)
+    if not path.is_file():
+        raise missing_path(path, "no trained model (a finished `twinview seg train` run writes model.pt)")
+    return path
+
+
+def load_model(run: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained network of a run folder (or its ``model.pt``) and its metadata; ``DataError`` naming
+    the file when it is missing or no twinview segmentation model."""
+    path = model_file(run)
+    payload = load_payload(path, ("model", "model_config"), "segmentation model", map_location=device)
     meta = payload["model_config"]
+    missing = [k for k in _MODEL_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(path, f"not a twinview segmentation model file: its model_config lacks {missing} "
+                              "(a re-ID model?)")
     mcfg = SegModelConfig(arch=meta["arch"], encoder=meta["encoder"], unet_channels=meta["unet_channels"])
     model = build_seg_model(mcfg, meta["spatial_dims"], meta["in_channels"], meta["out_channels"])
     model.load_state_dict(payload["model"])
@@ -38,12 +55,21 @@ def load_model(run: str | Path, device: torch.device | str = "cpu") -> tuple[nn.
 
 
 def data_config_from(meta: dict[str, Any], path: str = "") -> SegDataConfig:
-    """The preprocessing a model was trained with, as a data config (for prediction on new data)."""
+    """The preprocessing a model was trained with, as a data config (for prediction on new data).
+
+    Reads the model card's vocabulary and, for models trained before it, the older one."""
     p = meta["preprocessing"]
+    if "intensity" in p:
+        intensity = p["intensity"]
+        normalize = {"zscore_nonzero": "zscore"}.get(intensity["kind"], intensity["kind"])
+        ct_window = intensity.get("window", SegDataConfig().ct_window)
+        slice_axis = p["slice_axis"] if p["slice_axis"] is not None else SegDataConfig().slice_axis
+        roi = meta["roi"]
+    else:
+        normalize, ct_window, slice_axis, roi = p["normalize"], p["ct_window"], p["slice_axis"], p["roi"]
     return SegDataConfig(path=path, kind=meta["kind"], spatial_dims=meta["spatial_dims"],
-                         slice_axis=p["slice_axis"],
-                         roi=list(p["roi"]), orientation=p["orientation"] or "", spacing=p["spacing"],
-                         normalize=p["normalize"], ct_window=list(p["ct_window"]))
+                         slice_axis=slice_axis, roi=list(roi), orientation=p["orientation"] or "",
+                         spacing=p["spacing"], normalize=normalize, ct_window=list(ct_window))
 
 
 def labels_of(meta: dict[str, Any]) -> dict[int, str]:
@@ -133,8 +159,8 @@ def save_overlay(image: np.ndarray, pred: np.ndarray, out: Path, slice_axis: int
         ax.imshow(blend, interpolation="nearest")
         ax.set_title(f"slice {s}" if pred.ndim == 3 else "image", fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{out.stem}: prediction (colour)" + (", ground truth (white outline)" if truth is not None
-                                                       else ""), fontsize=9)
+    outline = ", ground truth (white outline)" if truth is not None else ""
+    fig.suptitle(f"{display_path(out.stem)}: prediction (colour){outline}", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

@@ -1,18 +1,17 @@
 """Fine-tune a segmentation network (optionally from a pretrained encoder) and evaluate it on test cases.
 
-The loop is ``downstream.loop`` (shared with re-ID, built on the pretraining pieces): precision choice,
-atomic rotating checkpoints with exact resume, non-finite loss detection, a progress bar,
-``metrics.csv`` + TensorBoard; the loss-curve PNG follows. Loss: Dice (over the batch) + cross-entropy
+:class:`SegTrainTask` runs on the one training loop (:mod:`engine.loop`), which also runs under
+``torchrun``; validation keeps ``best.pt`` by validation Dice. Loss: Dice (over the batch) + cross-entropy
 (MONAI ``DiceCELoss``); AdamW with linear warm-up then cosine decay; validation Dice on the val cases by
 sliding-window inference. The run folder holds ``config.yaml``, ``split.json``, ``model.pt`` (weights
-and the plain metadata needed to rebuild the network and its preprocessing), ``test_metrics.csv``,
-``summary.json`` and overlay PNGs of test cases.
+and the plain metadata needed to rebuild the network), ``model.json`` (its model card),
+``test_metrics.csv``, ``summary.json`` and overlay PNGs of test cases.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from downstream.loop import LoopSpec, run_loop
+from downstream.seg.card import seg_card
 from downstream.seg.config import SegConfig
 from downstream.seg.data import (
     PatchDataset,
@@ -42,11 +41,15 @@ from downstream.seg.model import (
     param_groups,
     set_encoder_frozen,
 )
-from pretrain.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
-from pretrain.datasets import ResumableSampler
-from pretrain.optim import warmup_cosine
-from pretrain.trainer import plot_loss_curve, select_amp, select_device, set_determinism
-from twinview.config import ConfigError, save_config, to_dict
+from engine import distributed as dist_utils
+from engine.checkpoint import atomic_save, load_checkpoint
+from engine.device import describe_devices, select_amp, select_device, set_determinism
+from engine.loop import LoopSettings, Parts, Task, finished_result, train
+from engine.sampling import ResumableSampler
+from engine.schedule import warmup_cosine
+from twinview import provenance
+from twinview.config import ConfigError, to_dict
+from twinview.run_folder import RunFolder
 
 
 @dataclass
@@ -56,6 +59,7 @@ class SegResult:
     final_loss: float
     model_path: Path
     summary: dict[str, float]  # test-set means (empty when there are no test cases)
+    table: str  # the test metrics as a Markdown table ("" without test cases)
 
 
 def check_config(cfg: SegConfig, task: SegTask) -> None:
@@ -84,59 +88,122 @@ def model_metadata(cfg: SegConfig, task: SegTask) -> dict[str, Any]:
             "spatial_dims": cfg.data.spatial_dims, "in_channels": task.in_channels,
             "out_channels": max(task.labels) + 1, "labels": {str(k): v for k, v in task.labels.items()},
             "task": task.name, "kind": task.kind, "modality": task.modality,
-            "preprocessing": preprocess_metadata(cfg.data, task),
+            "preprocessing": preprocess_metadata(cfg.data, task), "roi": list(cfg.data.roi),
             "encoder_weights": cfg.model.encoder_weights}
 
 
-def load_split(run_dir: Path, cfg: SegConfig, task: SegTask, resuming: bool) -> dict[str, Any]:
+def load_split(run_dir: Path, cfg: SegConfig, task: SegTask) -> dict[str, Any]:
+    """The run's split: drawn once and written to ``split.json``; a resumed run reads it back."""
     path = run_dir / "split.json"
-    if resuming and path.exists():
+    if path.exists():
         return json.loads(path.read_text())
     split = make_split([c.case_id for c in task.cases], cfg.data, cfg.train.seed)
     path.write_text(json.dumps(split, indent=1) + "\n")
     return split
 
 
+class SegTrainTask(Task):
+    """Patches of the labelled training cases -> Dice + cross-entropy; validation Dice on the val cases."""
+
+    name = "segment"
+    extra_fields = ("val_dice",)
+    best_metric = "val_dice"
+
+    def __init__(self, cfg: SegConfig, task: SegTask, split: dict[str, Any], model: nn.Module,
+                 amp_dtype: torch.dtype | None) -> None:
+        self.cfg, self.task, self.split, self.model, self.amp_dtype = cfg, task, split, model, amp_dtype
+        self.find_unused_parameters = cfg.model.freeze_encoder_steps > 0
+
+    def build(self, device: torch.device, rank: int, world: int) -> Parts:
+        cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
+        items = _train_items(cfg, self.task, self.split["train"])
+        self.val_cases = ([preprocess_case(self.task.case(i), self.task, d) for i in self.split["val"]]
+                          if t.val_every_steps else [])
+        self.dataset = PatchDataset(items, train_transform(d.roi, d.pos_fraction, d.flip_axes), seed=t.seed,
+                                    length=max(len(items), t.batch_size * world))
+        self.sampler = ResumableSampler(len(self.dataset), t.seed, rank, world)
+        loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
+                            pin_memory=device.type == "cuda")
+        self.device = device
+        self.memory_format = torch.channels_last if d.spatial_dims == 2 else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay,
+                                                   cfg.model.encoder_lr_mult))
+        # As nnU-Net: Dice over the whole batch ("batch Dice") and over the foreground classes only.
+        # Per-sample Dice rewards predicting nothing on the many slices without the structure, and the
+        # background term lets a short run settle on all-background; both made 100-step runs collapse to
+        # empty masks.
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=False)
+        steps_per_epoch = len(self.dataset) // world // t.batch_size
+        return Parts(self.model, optimizer, warmup_cosine(optimizer, cfg.optim.warmup_steps, t.steps), loader,
+                     self.set_epoch, steps_per_epoch, t.steps, t.batch_size * world)
+
+    def set_epoch(self, epoch: int, done: int) -> None:
+        self.sampler.set_epoch(epoch, start=done * self.cfg.train.batch_size)
+        self.dataset.epoch = epoch
+
+    def compute_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        image = batch[0].to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+        return self.loss_fn(model(image).float(), batch[1].to(self.device, non_blocking=True))
+
+    def before_step(self, step: int) -> None:
+        set_encoder_frozen(self.model, step < self.cfg.model.freeze_encoder_steps)
+
+    def validate(self, step: int, total_steps: int) -> dict[str, float]:
+        every = self.cfg.train.val_every_steps
+        if self.val_cases and (step % every == 0 or step == total_steps):
+            return {"val_dice": _validate(self.model, self.val_cases, self.task, self.cfg, self.amp_dtype)}
+        return {}
+
+
 def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
     """Train (or resume) a segmentation run, then evaluate it on its test cases."""
+    dist_utils.setup_from_env()
+    is_main = dist_utils.rank() == 0
     t, d = cfg.train, cfg.data
-    run_dir = Path(resume) if resume is not None else Path(cfg.out_dir)
-    ckpt_path = latest_checkpoint(run_dir) if resume is not None else None
-    if resume is not None and ckpt_path is None and not (run_dir / "model.pt").exists():
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
-    if resume is None and (latest_checkpoint(run_dir) is not None or (run_dir / "model.pt").exists()):
-        raise FileExistsError(f"{run_dir}: already holds a run; pass --resume {run_dir} or choose out_dir")
+    config = to_dict(cfg)
+    run = RunFolder.open(resume if resume is not None else cfg.out_dir, "model.pt", config,
+                         resume=resume is not None)
     task = read_task(d)
     check_config(cfg, task)
-    set_determinism(t.seed, deterministic=False)
-    device = select_device(t.device)
-    amp_dtype = select_amp(t.amp, device, d.spatial_dims)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    split = load_split(run_dir, cfg, task, resuming=resume is not None)
-    meta = model_metadata(cfg, task)
+    with run.lock() if is_main else contextlib.nullcontext():
+        set_determinism(t.seed, t.deterministic)
+        device = select_device(t.device)
+        amp_dtype = select_amp(t.amp, device, d.spatial_dims)
+        if is_main:
+            run.save_config(config)
+            run.record(provenance.collect(devices=describe_devices()))
+        split = load_split(run.path, cfg, task)
+        meta = model_metadata(cfg, task)
+        model = build_seg_model(cfg.model, d.spatial_dims, task.in_channels, meta["out_channels"])
+        if cfg.model.encoder_weights:
+            meta["pretraining_method"] = load_pretrained_encoder(model, cfg.model, d.spatial_dims,
+                                                                 task.in_channels).get("method")
+        model = model.to(device)
+        settings = LoopSettings(device, amp_dtype, cfg.optim.grad_clip, t.ckpt_every_steps, t.keep_last,
+                                t.log_every_steps, t.progress)
+        if run.finished:  # training finished earlier; only the evaluation may be left
+            model.load_state_dict(load_checkpoint(run.path / "model.pt", map_location=device)["model"])
+            result = finished_result(run)
+        else:
+            result = train(SegTrainTask(cfg, task, split, model, amp_dtype), run, settings, config)
+            set_encoder_frozen(model, False)
+            if is_main:
+                atomic_save({"model": model.state_dict(), "model_config": meta}, run.path / "model.pt")
+                seg_card(meta, run.path / "model.pt")
+        summary: dict[str, float] = {}
+        table = ""
+        if split["test"] and is_main:
+            from downstream.seg.evaluate import evaluate_cases, metrics_table
 
-    model = build_seg_model(cfg.model, d.spatial_dims, task.in_channels, meta["out_channels"])
-    if cfg.model.encoder_weights:
-        load_pretrained_encoder(model, cfg.model, d.spatial_dims, task.in_channels)
-    model = model.to(device)
-    if (run_dir / "model.pt").exists():  # training finished earlier; only the evaluation is left
-        model.load_state_dict(load_checkpoint(run_dir / "model.pt", map_location=device)["model"])
-        steps, last_loss = t.steps, math.nan
-    else:
-        steps, last_loss = _train(cfg, task, split, model, device, amp_dtype, run_dir, ckpt_path)
-        atomic_save({"model": model.state_dict(), "model_config": meta}, run_dir / "model.pt")
-        plot_loss_curve(run_dir / "metrics.csv", run_dir / "loss_curve.png", title="segmentation loss")
-    summary: dict[str, float] = {}
-    if split["test"]:
-        from downstream.seg.evaluate import evaluate_cases
-
-        rows, summary = evaluate_cases(model, meta, task, d, split["test"], run_dir, device, t, amp_dtype,
-                                       progress=t.progress)
-        (run_dir / "summary.json").write_text(json.dumps(
-            {"test": summary, "train_cases": len(split["train"]), "label_fraction": d.label_fraction,
-             "steps": steps}, indent=2) + "\n")
-    return SegResult(run_dir, steps, last_loss, run_dir / "model.pt", summary)
+            _, summary = evaluate_cases(model, meta, task, d, split["test"], run.path, device, t, amp_dtype,
+                                        progress=t.progress)
+            table = metrics_table(summary, task.labels)
+            (run.path / "summary.json").write_text(json.dumps(
+                {"test": summary, "train_cases": len(split["train"]), "label_fraction": d.label_fraction,
+                 "steps": result.steps, "best": result.best}, indent=2) + "\n")
+    dist_utils.cleanup()
+    return SegResult(run.path, result.steps, result.final_loss, run.path / "model.pt", summary, table)
 
 
 def _train_items(cfg: SegConfig, task: SegTask, ids: list[str]) -> list[dict[str, Any]]:
@@ -147,53 +214,6 @@ def _train_items(cfg: SegConfig, task: SegTask, ids: list[str]) -> list[dict[str
     if cfg.data.spatial_dims == 2 and task.image_dims == 3:
         return to_slices(cases, cfg.data.slice_axis)
     return [{"image": c["image"].as_tensor(), "label": c["label"].as_tensor()} for c in cases]
-
-
-def _train(cfg: SegConfig, task: SegTask, split: dict[str, Any], model: nn.Module, device: torch.device,
-           amp_dtype: torch.dtype | None, run_dir: Path, ckpt_path: Path | None) -> tuple[int, float]:
-    t, d = cfg.train, cfg.data
-    items = _train_items(cfg, task, split["train"])
-    val_cases = [preprocess_case(task.case(i), task, d) for i in split["val"]] if t.val_every_steps else []
-    dataset = PatchDataset(items, train_transform(d.roi, d.pos_fraction, d.flip_axes), seed=t.seed,
-                           length=max(len(items), t.batch_size))
-    sampler = ResumableSampler(len(dataset), t.seed)
-    loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, drop_last=True,
-                        pin_memory=device.type == "cuda")
-    memory_format = torch.channels_last if d.spatial_dims == 2 else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay,
-                                               cfg.model.encoder_lr_mult))
-    # As nnU-Net: Dice over the whole batch ("batch Dice") and over the foreground classes only. Per-sample
-    # Dice rewards predicting nothing on the many slices without the structure, and the background term
-    # lets a short run settle on all-background; both made 100-step runs collapse to empty masks.
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=False)
-
-    def set_epoch(epoch: int, done: int) -> None:
-        sampler.set_epoch(epoch, start=done * t.batch_size)
-        dataset.epoch = epoch
-
-    def compute_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        image = batch[0].to(device, non_blocking=True).to(memory_format=memory_format)
-        return loss_fn(model(image).float(), batch[1].to(device, non_blocking=True))
-
-    def validate(step: int) -> dict[str, float]:
-        if val_cases and (step % t.val_every_steps == 0 or step == t.steps):
-            return {"val_dice": _validate(model, val_cases, task, cfg, amp_dtype)}
-        return {}
-
-    spec = LoopSpec(
-        model=model, optimizer=optimizer,
-        scheduler=warmup_cosine(optimizer, cfg.optim.warmup_steps, t.steps), loader=loader,
-        set_epoch=set_epoch, steps_per_epoch=len(dataset) // t.batch_size, total_steps=t.steps,
-        compute_loss=compute_loss, batch_size=t.batch_size, run_dir=run_dir, config=to_dict(cfg),
-        device=device, amp_dtype=amp_dtype, grad_clip=cfg.optim.grad_clip, ckpt_every=t.ckpt_every_steps,
-        keep_last=t.keep_last, log_every=t.log_every_steps, progress=t.progress, desc="segment",
-        extra_fields=["val_dice"],
-        before_step=lambda step: set_encoder_frozen(model, step < cfg.model.freeze_encoder_steps),
-        after_step=validate)
-    steps, last_loss = run_loop(spec, resume_from=ckpt_path)
-    set_encoder_frozen(model, False)
-    return steps, last_loss
 
 
 def _validate(model: nn.Module, cases: list[dict[str, Any]], task: SegTask, cfg: SegConfig,

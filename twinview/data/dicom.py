@@ -5,8 +5,11 @@ Layout: DICOM files (with the 128-byte preamble and ``DICM`` marker; any name, w
 sit in. Files without the ``DICM`` marker and ``DICOMDIR`` index files are skipped; a file with the
 marker that cannot be parsed is a DataError.
 
-Privacy: headers are read with ``specific_tags`` limited to geometry and series tags, so patient tags
-(PatientName, PatientID, PatientBirthDate, ...) are never loaded, stored, logged or put into errors.
+Privacy: every read passes ``specific_tags`` to ``pydicom.dcmread``: headers are read with the geometry
+and series tags only, pixels with the pixel-description tags and the pixel data only. pydicom skips the
+value bytes of any other element without decoding it, so patient tags (PatientName, PatientID,
+PatientBirthDate, ...) are never loaded, stored, logged or put into errors; the datasets that twinview
+holds have no such element.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from twinview.data.errors import DataError, display_path
 from twinview.data.records import DicomSeriesRecord
+from twinview.errors import DataError, display_path
 
 PathLike = str | os.PathLike[str]
 
@@ -37,6 +40,28 @@ _HEADER_TAGS = [
     "ImagePositionPatient",
     "InstanceNumber",
     "SliceThickness",
+]
+# What ``Dataset.pixel_array`` and the rescale need: the pixel description, the pixel data (native or
+# encapsulated, with its offset tables) and the modality rescale; the file meta (transfer syntax) is
+# always read.
+_PIXEL_TAGS = [
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "PixelData",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
 ]
 _READ_ERRORS = (
     InvalidDicomError,
@@ -98,11 +123,17 @@ def read_dicom_series(root: PathLike) -> list[DicomSeriesRecord]:
     return group_series([read_slice_header(path) for path in dicom_files(root)])
 
 
+def read_dataset(path: PathLike, tags: list[str], pixels: bool = True) -> Dataset:
+    """The elements ``tags`` of one file (and its file meta), nothing else: the one way twinview reads a
+    DICOM file. Without ``pixels`` reading stops before the pixel data."""
+    return pydicom.dcmread(path, stop_before_pixels=not pixels, specific_tags=tags)
+
+
 def read_slice_header(path: PathLike) -> SliceHeader:
     """The series and geometry tags of one file, pixel data not read."""
     path = Path(path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        ds = read_dataset(path, _HEADER_TAGS, pixels=False)
         return _slice_header(path, ds)
     except DataError:
         raise
@@ -208,7 +239,7 @@ def load_dicom_series(record: DicomSeriesRecord) -> tuple[np.ndarray, np.ndarray
 def load_slice(path: PathLike, shape: tuple[int, int]) -> np.ndarray:
     """One slice's pixels as float32 with RescaleSlope/Intercept applied; DataError unless ``shape``."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_dataset(path, _PIXEL_TAGS)
         pixels = ds.pixel_array
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)

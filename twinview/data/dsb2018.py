@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from twinview.data.errors import DataError
 from twinview.data.images import load_image
 from twinview.data.records import NucleiRecord
+from twinview.errors import DataError
 
 PathLike = str | os.PathLike[str]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from twinview.data.errors import DataError, display_path
 from twinview.data.records import ImageRecord
+from twinview.errors import DataError, display_path
 
 PathLike = str | os.PathLike[str]
 

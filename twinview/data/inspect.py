@@ -11,15 +11,16 @@ dataset.json) raises DataError. Counts cover the files that read cleanly. Keys p
   and ``unmatched_queries`` (queries without a gallery crop of the same id from another camera: the
   standard evaluation skips them; not a problem)
 - msd: ``name``, ``modality``, ``label_names``, ``volumes``, ``labelled``, ``labels`` (values found in
-  the label volumes), ``shape_min``, ``shape_max``, ``spacing``
-- nifti: ``volumes``, ``shape_min``, ``shape_max``, ``spacing``
+  the label volumes), ``shape_min``, ``shape_max``, ``channels``, ``spacing``
+- nifti: ``volumes``, ``shape_min``, ``shape_max``, ``channels``, ``spacing``
 - dicom: ``series``, ``slices``, ``modalities``, ``series_details`` (folder, modality, shape, spacing)
 - images: ``images``, ``size_min``, ``size_max`` (``[height, width]``), ``channels``, ``bit_depths``
 - dsb2018: ``images``, ``instances``, ``unlabelled``, ``size_min``, ``size_max``
 
 ``spacing`` is ``{"min", "max", "median"}``, each a list of three voxel sizes in mm, per axis; shapes
-and sizes are elementwise minima and maxima (first three axes of volumes). They are null when no file
-read cleanly.
+and sizes are elementwise minima and maxima. Volume shapes keep every axis: with any 4D volume (channels
+last) they have four entries (a 3D volume counts as one channel there); ``channels`` counts the volumes
+per channel number (``{"1": 3, "4": 1}``). They are null (``channels`` empty) when no file read cleanly.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from twinview.data import dicom, dsb2018, images, market1501, msd, nifti
-from twinview.data.errors import DataError, display_path
 from twinview.data.records import VolumeRecord
+from twinview.errors import DataError, display_path, missing_path
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
@@ -49,7 +50,7 @@ def detect_format(path: PathLike) -> str:
     """One of :data:`FORMATS`; DataError for a missing path, an empty folder or an unknown layout."""
     path = Path(path)
     if not path.exists():
-        raise DataError(path, "no such file or folder")
+        raise missing_path(path)
     if path.is_file():
         return _file_format(path)
     if not any(path.iterdir()):
@@ -121,6 +122,16 @@ def _shape_range(shapes: list[tuple[int, ...]], dims: int = 3) -> tuple[list[int
         return None, None
     spatial = np.array([tuple(s[:dims]) + (1,) * (dims - len(s[:dims])) for s in shapes])
     return spatial.min(axis=0).tolist(), spatial.max(axis=0).tolist()
+
+
+def _volume_shapes(shapes: list[tuple[int, ...]]) -> Report:
+    """``shape_min``, ``shape_max`` over every axis (at least three; 3D shapes padded with one channel
+    when 4D ones are present) and ``channels``: how many volumes have each channel count."""
+    dims = max([3, *(len(s) for s in shapes)])
+    shape_min, shape_max = _shape_range(shapes, dims)
+    channels = Counter(int(np.prod(s[3:])) if len(s) > 3 else 1 for s in shapes)
+    return {"shape_min": shape_min, "shape_max": shape_max,
+            "channels": {str(k): n for k, n in sorted(channels.items())}}
 
 
 def _spacing_stats(spacings: list[tuple[float, float, float]]) -> dict[str, list[float]] | None:
@@ -211,7 +222,6 @@ def _inspect_msd(root: Path) -> Report:
         records.append(record)
     labelled = len(records)
     records += _nifti_records(index.test, problems, msd.listed_file)
-    shape_min, shape_max = _shape_range([r.shape for r in records])
     return {
         "name": index.name,
         "modality": index.modality,
@@ -219,8 +229,7 @@ def _inspect_msd(root: Path) -> Report:
         "volumes": len(records),
         "labelled": labelled,
         "labels": sorted(found),
-        "shape_min": shape_min,
-        "shape_max": shape_max,
+        **_volume_shapes([r.shape for r in records]),
         "spacing": _spacing_stats([r.spacing for r in records]),
         "problems": problems,
     }
@@ -255,11 +264,9 @@ def _inspect_nifti(path: Path) -> Report:
     files = [path] if path.is_file() else nifti.nifti_files(path)
     problems: list[dict[str, str]] = []
     records = _nifti_records(files, problems, Path)
-    shape_min, shape_max = _shape_range([r.shape for r in records])
     return {
         "volumes": len(records),
-        "shape_min": shape_min,
-        "shape_max": shape_max,
+        **_volume_shapes([r.shape for r in records]),
         "spacing": _spacing_stats([r.spacing for r in records]),
         "problems": problems,
     }

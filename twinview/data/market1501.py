@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from twinview.data.errors import DataError
 from twinview.data.records import PersonRecord
+from twinview.errors import DataError
 
 PathLike = str | os.PathLike[str]
 

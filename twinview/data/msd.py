@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twinview.data.errors import DataError, display_path
 from twinview.data.nifti import PathLike, volume_record
 from twinview.data.records import VolumeRecord
+from twinview.errors import DataError, display_path
 
 DATASET_JSON = "dataset.json"
 

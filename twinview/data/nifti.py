@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from twinview.data.errors import DataError, display_path
 from twinview.data.records import VolumeRecord
+from twinview.errors import DataError, display_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_TOLERANCE = 1e-3

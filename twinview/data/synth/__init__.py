@@ -14,10 +14,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from twinview.data.errors import DataError
 from twinview.data.synth.market import write_market
 from twinview.data.synth.msd import write_msd
 from twinview.data.synth.nuclei import write_nuclei
+from twinview.errors import DataError
 
 KINDS = ("msd", "market", "nuclei")
 SIZES = ("small", "medium")

@@ -1,4 +1,7 @@
-"""The ``twinview`` command. Each subcommand imports its layer lazily, so ``--help`` stays fast."""
+"""The ``twinview`` command: each subcommand parses, calls one library function and prints.
+
+Subcommands import their layer lazily, so ``--help`` stays fast and needs no torch.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from twinview.data.errors import DataError
+from twinview.errors import TwinviewError, display_path
+from twinview.provenance import twinview_version
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -22,20 +27,28 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from twinview.data.synth import generate
 
-    summary = generate(args.kind, Path(args.out), seed=args.seed, size=args.size)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(generate(args.kind, Path(args.out), seed=args.seed, size=args.size), indent=2))
+    return 0
+
+
+def _print_config(cfg: Any) -> int:
+    import yaml
+
+    from twinview.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from pretrain.config import PretrainConfig
-    from pretrain.trainer import run_pretraining
-    from twinview.config import load_config
+    from twinview.config import run_config
 
-    config = args.config
-    if config is None and args.resume is not None:
-        config = args.resume / "config.yaml"
-    cfg = load_config(PretrainConfig, config, args.set)
+    cfg = run_config(PretrainConfig, args.config, args.resume, args.set)
+    if args.print_config:
+        return _print_config(cfg)
+    from pretrain.trainer import run_pretraining
+
     result = run_pretraining(cfg, resume=args.resume)
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "final_loss": result.final_loss,
                       "encoder": str(result.encoder_path), "monitor": result.monitor}, indent=2))
@@ -44,31 +57,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_seg_train(args: argparse.Namespace) -> int:
     from downstream.seg.config import SegConfig
-    from downstream.seg.evaluate import load_model, metrics_table
-    from downstream.seg.train import run_segmentation
-    from twinview.config import load_config
+    from twinview.config import run_config
 
-    config = args.config
-    if config is None and args.resume is not None:
-        config = args.resume / "config.yaml"
     overrides = list(args.set)
     if args.label_fraction is not None:
         overrides.append(f"data.label_fraction={args.label_fraction}")
-    cfg = load_config(SegConfig, config, overrides)
+    cfg = run_config(SegConfig, args.config, args.resume, overrides)
+    if args.print_config:
+        return _print_config(cfg)
+    from downstream.seg.train import run_segmentation
+
     result = run_segmentation(cfg, resume=args.resume)
-    if result.summary:
-        _, meta = load_model(result.model_path)
-        print(metrics_table(result.summary, {int(k): v for k, v in meta["labels"].items()}))
-    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "model": str(result.model_path),
-                      "test": result.summary}, indent=2))
+    if result.table:
+        print(result.table)
+    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "final_loss": result.final_loss,
+                      "model": str(result.model_path), "test": result.summary}, indent=2))
     return 0
 
 
 def _cmd_seg_predict(args: argparse.Namespace) -> int:
     from downstream.seg.predict import predict
 
-    rows = predict(args.input, args.model, args.out, overlays=not args.no_overlays, device=args.device)
-    for row in rows:
+    for row in predict(args.input, args.model, args.out, overlays=not args.no_overlays, device=args.device,
+                       overwrite=args.overwrite):
         print(json.dumps(row))
     return 0
 
@@ -77,47 +88,40 @@ def _cmd_seg_eval(args: argparse.Namespace) -> int:
     from downstream.seg.predict import evaluate_run
 
     _, table = evaluate_run(args.model, args.out, data_path=args.data, split=args.split, device=args.device)
-    print(table)
-    print(f"\nper-case metrics: {args.out / 'metrics.csv'}")
+    print(f"{table}\n\nper-case metrics: {args.out / 'metrics.csv'}")
     return 0
 
 
 def _cmd_reid_train(args: argparse.Namespace) -> int:
     from downstream.reid.config import ReIDConfig
-    from downstream.reid.train import run_reid
-    from twinview.config import load_config
+    from twinview.config import run_config
 
-    config = args.config
-    if config is None and args.resume is not None:
-        config = args.resume / "config.yaml"
-    result = run_reid(load_config(ReIDConfig, config, args.set), resume=args.resume)
-    print((result.run_dir / "eval.md").read_text())
-    print(json.dumps({"run_dir": str(result.run_dir), "model": str(result.model_path), **result.metrics},
-                     indent=2))
+    cfg = run_config(ReIDConfig, args.config, args.resume, args.set)
+    if args.print_config:
+        return _print_config(cfg)
+    from downstream.reid.train import run_reid
+
+    result = run_reid(cfg, resume=args.resume)
+    print(result.report)
+    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "final_loss": result.final_loss,
+                      "model": str(result.model_path), **result.metrics}, indent=2))
     return 0
 
 
 def _cmd_reid_eval(args: argparse.Namespace) -> int:
-    from downstream.reid.config import ReIDEvalConfig
-    from downstream.reid.evaluate import evaluate_market, load_reid_model
-    from pretrain.trainer import select_device
+    from downstream.reid.evaluate import evaluate_run
 
-    device = select_device(args.device)
-    model, meta = load_reid_model(args.model, device, size=args.size)
-    ecfg = ReIDEvalConfig(flip=not args.no_flip, metric=args.metric, rerank=args.rerank)
-    evaluate_market(model, meta, args.data, ecfg, args.out, device)
-    print((args.out / "eval.md").read_text())
-    print(f"CMC curve: {args.out / 'cmc_curve.png'}\ntop-10 results: {args.out / 'top10.png'}")
+    report = evaluate_run(args.model, args.data, args.out, metric=args.metric, rerank=args.rerank,
+                          flip=not args.no_flip, size=args.size, device=args.device)
+    print(f"{report}\nCMC curve: {args.out / 'cmc_curve.png'}\ntop-10 results: {args.out / 'top10.png'}")
     return 0
 
 
 def _cmd_reid_index(args: argparse.Namespace) -> int:
     from downstream.reid.search import index_gallery
 
-    out = index_gallery(args.gallery, args.model, args.out, device=args.device)
-    meta = json.loads((out / "meta.json").read_text())
-    print(json.dumps({"index": str(out), "count": meta["count"], "dim": meta["dim"],
-                      "model_id": meta["model_id"]}))
+    print(json.dumps(index_gallery(args.gallery, args.model, args.out, device=args.device,
+                                   overwrite=args.overwrite)))
     return 0
 
 
@@ -133,15 +137,14 @@ def _cmd_reid_query(args: argparse.Namespace) -> int:
 def _cmd_views(args: argparse.Namespace) -> int:
     from pretrain.view_grid import save_view_grid_from_data
 
-    out = save_view_grid_from_data(args.preset, args.data, args.out, n_samples=args.samples,
+    print(save_view_grid_from_data(args.preset, args.data, args.out, n_samples=args.samples,
                                    size=tuple(args.size) if args.size else None, seed=args.seed,
-                                   volumes=args.volumes)
-    print(out)
+                                   volumes=args.volumes))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from twinview.demo import run_demo
+    from downstream.demo import run_demo
 
     return run_demo(Path(args.out), seed=args.seed, quick=args.quick)
 
@@ -151,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="twinview",
         description="Contrastive self-supervised learning for medical segmentation and person re-ID.",
     )
+    parser.add_argument("--version", action="version", version=f"twinview {twinview_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="inspect data sets and generate synthetic ones",
@@ -163,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "without problems, 1 when problems were found, 2 when PATH is no readable layout.")
     inspect.add_argument("path", type=Path, help="data folder")
     inspect.add_argument("--pretty", action="store_true", help="indent the JSON")
-    inspect.set_defaults(func=_cmd_inspect)
+    inspect.set_defaults(func=_cmd_inspect, parser=inspect)
 
     synth = data_sub.add_parser(
         "synth", help="write a synthetic data set in a standard layout",
@@ -173,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", choices=("small", "medium"), default="small")
-    synth.set_defaults(func=_cmd_synth)
+    synth.set_defaults(func=_cmd_synth, parser=synth)
 
     pre = sub.add_parser(
         "pretrain", help="contrastive pretraining (SimCLR, MoCo v2, BYOL, SimSiam) on unlabelled data",
@@ -185,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     pre.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its newest checkpoint")
-    pre.set_defaults(func=_cmd_pretrain)
+    pre.add_argument("--print-config", action="store_true",
+                     help="print the resolved config (file, --set, resumed run) and exit")
+    pre.set_defaults(func=_cmd_pretrain, parser=pre)
 
     views = sub.add_parser("views", help="write a PNG grid of augmented views of a preset",
                            description="Show what a view preset (ct, mri, microscopy, reid, natural) does "
@@ -198,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     views.add_argument("--seed", type=int, default=0)
     views.add_argument("--3d", dest="volumes", action="store_true",
                        help="MSD scans as 3D volumes (ct/mri presets) instead of 2D slices")
-    views.set_defaults(func=_cmd_views)
+    views.set_defaults(func=_cmd_views, parser=views)
 
     seg = sub.add_parser("seg", help="segmentation: fine-tune, predict, evaluate",
                          description="Segmentation with a MONAI U-Net fine-tuned from a pretrained encoder.")
@@ -217,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train on this fraction of the labelled cases "
                                 "(same as --set data.label_fraction=F)")
     seg_train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    seg_train.set_defaults(func=_cmd_seg_train)
+    seg_train.add_argument("--print-config", action="store_true",
+                     help="print the resolved config (file, --set, resumed run) and exit")
+    seg_train.set_defaults(func=_cmd_seg_train, parser=seg_train)
     seg_pred = seg_sub.add_parser(
         "predict", help="write masks (NIfTI with the input's affine, or PNG) and overlay PNGs",
         description="Segment INPUT (a NIfTI file, a folder of them, an MSD task folder, or 2D images) with "
@@ -228,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg_pred.add_argument("--out", type=Path, required=True)
     seg_pred.add_argument("--no-overlays", action="store_true")
     seg_pred.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    seg_pred.set_defaults(func=_cmd_seg_predict)
+    seg_pred.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier prediction folder written by twinview")
+    seg_pred.set_defaults(func=_cmd_seg_predict, parser=seg_pred)
     seg_eval = seg_sub.add_parser(
         "eval", help="Dice and HD95 (mm) per structure: print the table, write it as CSV",
         description="Evaluate a trained run on its own split (--split test|val|train) or on all labelled "
@@ -238,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg_eval.add_argument("--data", help="labelled data folder (default: the run's own data)")
     seg_eval.add_argument("--split", default="test", choices=("test", "val", "train", "all"))
     seg_eval.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    seg_eval.set_defaults(func=_cmd_seg_eval)
+    seg_eval.set_defaults(func=_cmd_seg_eval, parser=seg_eval)
 
     reid = sub.add_parser("reid", help="person re-ID: train, evaluate, index a gallery, query it",
                           description="Person re-identification on a pretrained encoder (strong baseline).")
@@ -252,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     reid_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config value (repeatable)")
     reid_train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    reid_train.set_defaults(func=_cmd_reid_train)
+    reid_train.add_argument("--print-config", action="store_true",
+                     help="print the resolved config (file, --set, resumed run) and exit")
+    reid_train.set_defaults(func=_cmd_reid_train, parser=reid_train)
     reid_eval = reid_sub.add_parser(
         "eval", help="CMC, mAP and mINP on query/gallery; CMC curve and top-10 PNGs",
         description="Evaluate a re-ID run (model.pt) or, with no labels at all, a pretraining run "
@@ -266,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     reid_eval.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                            help="crop size (default: the model's)")
     reid_eval.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    reid_eval.set_defaults(func=_cmd_reid_eval)
+    reid_eval.set_defaults(func=_cmd_reid_eval, parser=reid_eval)
     reid_index = reid_sub.add_parser(
         "index", help="embed a gallery folder into a faiss index",
         description="Embed every crop of GALLERY (Market-1501 names) with RUN's model into a faiss index "
@@ -275,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     reid_index.add_argument("--model", type=Path, required=True, metavar="RUN")
     reid_index.add_argument("--out", type=Path, required=True, metavar="INDEX")
     reid_index.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    reid_index.set_defaults(func=_cmd_reid_index)
+    reid_index.add_argument("--overwrite", action="store_true",
+                            help="replace an earlier index folder written by twinview")
+    reid_index.set_defaults(func=_cmd_reid_index, parser=reid_index)
     reid_query = reid_sub.add_parser(
         "query", help="the k most similar gallery crops to an image",
         description="Rank the indexed gallery for IMAGE with the index's own model (refused if that "
@@ -285,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     reid_query.add_argument("-k", type=int, default=10)
     reid_query.add_argument("--model", type=Path, metavar="RUN", help="override the index's model file")
     reid_query.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    reid_query.set_defaults(func=_cmd_reid_query)
+    reid_query.set_defaults(func=_cmd_reid_query, parser=reid_query)
 
     demo = sub.add_parser("demo", help="run the main job end to end on synthetic data",
                           description="Generate synthetic data and run every stage of twinview on it.")
@@ -293,14 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true",
                       help="small data, one epoch: checks that every stage runs (used by the slow tests)")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_cmd_demo, parser=demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand; a user's mistake is one line on stderr and exit code 2."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report a mistyped flag with the usage of the subcommand it was given to
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
-    except DataError as err:
+    except TwinviewError as err:
         print(f"twinview: error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:
+        if err.filename is None:
+            raise
+        print(f"twinview: error: {display_path(err.filename)}: {err.strerror}", file=sys.stderr)
+    return 2

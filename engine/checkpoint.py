@@ -8,15 +8,20 @@ back with ``torch.load(..., weights_only=True)``: they hold tensors and plain Py
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from twinview.errors import DataError
 
 _CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -66,12 +71,50 @@ def save_rotating(obj: Any, run_dir: Path, step: int, keep_last: int) -> Path:
     return path
 
 
+class CheckpointError(DataError, RuntimeError):
+    """A checkpoint (or model, encoder) file that cannot be read back: names the file, one line."""
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a broken file is an error that names it."""
+    """Load a checkpoint with ``weights_only=True``; a broken file is a ``CheckpointError`` naming it."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(path, "a folder, not a checkpoint file") from None
+    except pickle.UnpicklingError as err:  # torch's text suggests weights_only=False: never for us
+        raise CheckpointError(path, "not a readable twinview checkpoint: holds objects other than tensors "
+                                    "and plain values (or is a plain pickle); not loaded") from err
+    except OSError as err:
+        raise CheckpointError(path, f"cannot read the file: {err.strerror or type(err).__name__}") from err
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise RuntimeError(f"{path}: not a readable twinview checkpoint ({err})") from err
+        raise CheckpointError(path, "not a readable twinview checkpoint: truncated or not a torch file"
+                              ) from err
+
+
+def load_payload(path: Path, required_keys: Sequence[str] | Sequence[Sequence[str]], what: str,
+                 map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load ``path`` with :func:`load_checkpoint` and check that it is a dict holding ``required_keys``
+    (one tuple of keys, or a list of alternative tuples); otherwise a ``CheckpointError`` (a
+    ``DataError``) that names the file and says it is not a twinview ``what`` file."""
+    alternatives = ([tuple(required_keys)] if all(isinstance(k, str) for k in required_keys)
+                    else [tuple(keys) for keys in required_keys])
+    try:
+        payload = load_checkpoint(path, map_location=map_location)
+    except CheckpointError as err:
+        reason = err.reason.removeprefix("not a readable twinview checkpoint: ")
+        raise CheckpointError(path, f"not a twinview {what} file: {reason}") from err
+    if not isinstance(payload, dict):
+        raise CheckpointError(path, f"not a twinview {what} file: it holds a {type(payload).__name__}, not "
+                                    f"the {' / '.join(map(str, alternatives))} a {what} file holds")
+    if not any(all(k in payload for k in keys) for keys in alternatives):
+        found = ", ".join(sorted(map(str, payload))[:8]) or "nothing"
+        raise CheckpointError(path, f"not a twinview {what} file: it holds {found}, not "
+                                    f"{' or '.join(map(str, alternatives))}")
+    return payload
 
 
 def rng_state() -> dict[str, Any]:

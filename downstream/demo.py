@@ -55,26 +55,28 @@ def _counts(report: dict) -> str:
 def _pretrain_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
     import torch
 
-    from pretrain.checkpoint import latest_checkpoint
+    from downstream.recipes import pretrain
+    from engine.device import select_device
     from pretrain.config import PretrainConfig
     from pretrain.monitor import monitor_encoder
-    from pretrain.trainer import build_model, run_pretraining, select_device
+    from pretrain.trainer import build_model
     from twinview.config import load_config
 
     run_dir = out / "pretrain_simclr"
-    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/demo_market_simclr.yaml",
-                      [f"out_dir={run_dir}", f"data.path={market}", f"train.seed={seed}",
-                       *(["train.epochs=1", "train.progress=false"] if quick else [])])
-    result = run_pretraining(cfg, resume=run_dir if latest_checkpoint(run_dir) else None)
+    overrides = [f"out_dir={run_dir}", f"data.path={market}", f"train.seed={seed}",
+                 *(["train.epochs=1", "train.progress=false"] if quick else [])]
+    pretrain(REPO / "configs/pretrain/demo_market_simclr.yaml", overrides)
+    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/demo_market_simclr.yaml", overrides)
+    pretrained = json.loads((run_dir / "monitor.json").read_text())
     torch.manual_seed(seed)
     random_encoder = build_model(cfg, spatial_dims=2).encoder
     device = select_device(cfg.train.device)
     baseline = monitor_encoder(cfg, random_encoder.to(device), device, None)
-    summary = {"pretrained": result.monitor, "random_init": baseline, "run_dir": str(run_dir),
+    summary = {"pretrained": pretrained, "random_init": baseline, "run_dir": str(run_dir),
                "loss_curve": str(run_dir / "loss_curve.png"),
                "embedding_map": str(run_dir / "embedding_map.png")}
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    rows = [("SimCLR pretrained (no labels)", result.monitor), ("same encoder, random init", baseline)]
+    rows = [("SimCLR pretrained (no labels)", pretrained), ("same encoder, random init", baseline)]
     print(f"  {'retrieval on synthetic query/gallery':38s} rank-1    mAP")
     for name, m in rows:
         print(f"  {name:38s} {m['rank1']:.3f}  {m['mAP']:.3f}")
@@ -82,41 +84,28 @@ def _pretrain_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
 
 
 def _seg_stage(out: Path, msd: Path, seed: int, quick: bool) -> dict:
+    from downstream.recipes import label_efficiency, pretrain
     from downstream.seg.config import SegConfig
-    from downstream.seg.train import run_segmentation
-    from pretrain.checkpoint import latest_checkpoint
-    from pretrain.config import PretrainConfig
-    from pretrain.trainer import run_pretraining
+    from downstream.seg.data import make_split, read_task
     from twinview.config import load_config
 
     test_cases, fraction = (2, 0.5) if quick else (10, 0.1)
+    progress = str(not quick).lower()
     common = [f"data.path={msd}", f"data.test_cases={test_cases}", "data.val_cases=0",
-              f"data.label_fraction={fraction}", "train.val_every_steps=0", f"train.seed={seed}",
-              f"train.steps={4 if quick else 200}", "train.batch_size=16", "optim.warmup_steps=2",
-              f"train.progress={str(not quick).lower()}"]
+              "train.val_every_steps=0", f"train.steps={4 if quick else 200}", "train.batch_size=16",
+              "optim.warmup_steps=2", f"train.progress={progress}"]
     probe = load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml", common)
-    from downstream.seg.data import make_split, read_task
-
     test_ids = make_split([c.case_id for c in read_task(probe.data).cases], probe.data, seed)["test"]
-    pre_dir = out / "pretrain_seg_simclr"
-    if not (pre_dir / "encoder.pt").exists():
-        cfg = load_config(PretrainConfig, REPO / "configs/pretrain/hippocampus2d_simclr.yaml", [
-            f"out_dir={pre_dir}", f"data.path={msd}", "model.small_stem=false", "data.size=[48,48]",
-            "data.workers=0", f"train.epochs={1 if quick else 3}", f"train.batch_size={32 if quick else 128}",
-            "train.knn_every_epochs=0", "optim.warmup_epochs=1", f"train.progress={str(not quick).lower()}"])
-        cfg.data.exclude_cases = test_ids  # the test volumes stay unseen, even without labels
-        run_pretraining(cfg, resume=pre_dir if latest_checkpoint(pre_dir) else None)
-    results = {}
-    for arm, weights in (("pretrained", pre_dir), ("random", "")):
-        run_dir = out / f"seg_{arm}"
-        if not (run_dir / "summary.json").exists():
-            cfg = load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml",
-                              [*common, f"out_dir={run_dir}", f"model.encoder_weights={weights}"])
-            resume = run_dir if latest_checkpoint(run_dir) or (run_dir / "model.pt").exists() else None
-            run_segmentation(cfg, resume=resume)
-        results[arm] = json.loads((run_dir / "summary.json").read_text())
-    n = results["random"]["train_cases"]
-    title = f"segmentation, {n} labelled volumes"
+    # the test volumes stay unseen, even without labels
+    pre_dir = pretrain(REPO / "configs/pretrain/hippocampus2d_simclr.yaml", [
+        f"out_dir={out / 'pretrain_seg_simclr'}", f"data.path={msd}", "model.small_stem=false",
+        "data.size=[48,48]", "data.workers=0", f"train.epochs={1 if quick else 3}",
+        f"train.batch_size={32 if quick else 128}", "train.knn_every_epochs=0", "optim.warmup_epochs=1",
+        f"train.progress={progress}"], exclude_cases=test_ids)
+    rows = label_efficiency(REPO / "configs/seg/hippocampus2d.yaml", out / "seg", pre_dir,
+                            [(fraction, seed, [])], common)
+    results = {row["arm"]: row for row in rows}
+    title = f"segmentation, {results['random']['train_cases']} labelled volumes"
     print(f"  {title:38s} Dice    HD95 (mm)  ({test_cases} test volumes)")
     for arm, label in (("pretrained", "SimCLR-pretrained encoder"), ("random", "random init")):
         test = results[arm]["test"]
@@ -126,22 +115,15 @@ def _seg_stage(out: Path, msd: Path, seed: int, quick: bool) -> dict:
 
 
 def _reid_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
-    from downstream.reid.config import ReIDConfig
-    from downstream.reid.train import run_reid
-    from pretrain.checkpoint import latest_checkpoint
-    from twinview.config import load_config
+    from downstream.recipes import finetune_reid
 
     results = {}
     for arm, weights in (("pretrained", out / "pretrain_simclr"), ("random", "")):
-        run_dir = out / f"reid_{arm}"
-        if not (run_dir / "eval.json").exists():
-            cfg = load_config(ReIDConfig, REPO / "configs/reid/market.yaml", [
-                f"out_dir={run_dir}", f"data.path={market}", "data.size=[64,32]", f"train.seed={seed}",
-                f"train.epochs={1 if quick else 6}", f"model.encoder_weights={weights}",
-                f"train.progress={str(not quick).lower()}", *(["train.p=4"] if quick else [])])
-            resume = run_dir if latest_checkpoint(run_dir) or (run_dir / "model.pt").exists() else None
-            run_reid(cfg, resume=resume)
-        results[arm] = json.loads((run_dir / "eval.json").read_text())
+        results[arm] = finetune_reid(REPO / "configs/reid/market.yaml", [
+            f"out_dir={out / f'reid_{arm}'}", f"data.path={market}", "data.size=[64,32]",
+            f"train.seed={seed}",
+            f"train.epochs={1 if quick else 6}", f"model.encoder_weights={weights}",
+            f"train.progress={str(not quick).lower()}", *(["train.p=4"] if quick else [])])
     print(f"  {'re-ID, trained with identity labels':38s} rank-1    mAP")
     for arm, label in (("pretrained", "from the SimCLR encoder (stage 2)"), ("random", "from random init")):
         print(f"  {label:38s} {results[arm]['rank1']:.3f}  {results[arm]['mAP']:.3f}")
@@ -170,7 +152,7 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False) -> int:
           f"                           encoder.pt (weights for the downstream models)\n"
           f"  pretrain_summary.json    retrieval of the pretrained encoder against random init\n"
           f"  pretrain_seg_simclr/     SimCLR on the MRI slices (no labels)\n"
-          f"  seg_pretrained/, seg_random/  segmentation runs: model.pt, test_metrics.csv, overlays/\n"
+          f"  seg/runs/                segmentation runs: model.pt, model.json, test_metrics.csv, overlays/\n"
           f"  seg_summary.json         Dice and HD95 of both starts\n"
           f"  reid_pretrained/, reid_random/  re-ID runs: model.pt, eval.md, cmc_curve.png, top10.png\n"
           f"  reid_summary.json        rank-1, mAP and mINP of both starts")

@@ -1,0 +1,90 @@
+"""Recipes that chain runs: pretrain without labels, fine-tune from that encoder and from random init,
+and the label-efficiency sweep. ``twinview demo`` and the benchmark scripts both run them, so what the
+demo shows and what the benchmarks measure cannot drift apart.
+
+Every step is idempotent: a finished run is reused, a killed one resumes, and a run folder made with
+other settings stops the recipe with an error that names the keys (:class:`twinview.run_folder.RunFolder`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from twinview.config import load_config, to_dict
+from twinview.run_folder import RunFolder
+
+ARMS = ("pretrained", "random")
+"""The two starts of every comparison: the pretrained encoder, and the same network at random init."""
+
+
+def _existing(run_dir: Path, final: str, config: dict[str, Any]) -> RunFolder | None:
+    """The run already in ``run_dir`` (checked to match ``config``), or None when there is none."""
+    run = RunFolder(run_dir, final)
+    if not run_dir.is_dir() or not run.holds_run():
+        return None
+    return RunFolder.open(run_dir, final, config, resume=True)
+
+
+def pretrain(config_file: Path, overrides: Sequence[str], exclude_cases: Iterable[str] = ()) -> Path:
+    """A pretraining run's folder, trained (or resumed) unless it has finished; ``exclude_cases`` keeps
+    MSD cases (a test split) out of the unlabelled data."""
+    from pretrain.config import PretrainConfig
+    from pretrain.trainer import run_pretraining
+
+    cfg = load_config(PretrainConfig, config_file, [*overrides, f"data.exclude_cases={list(exclude_cases)}"])
+    run = _existing(Path(cfg.out_dir), "encoder.pt", to_dict(cfg))
+    if run is None or not run.finished:
+        run_pretraining(cfg, resume=run.path if run is not None else None)
+    return Path(cfg.out_dir)
+
+
+def finetune_seg(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """A segmentation run's ``summary.json`` (test Dice and HD95), trained and scored unless it was."""
+    from downstream.seg.config import SegConfig
+    from downstream.seg.train import run_segmentation
+
+    cfg = load_config(SegConfig, config_file, overrides)
+    run_dir = Path(cfg.out_dir)
+    run = _existing(run_dir, "model.pt", to_dict(cfg))
+    summary = run_dir / "summary.json"
+    if run is None or not summary.exists():
+        started = time.perf_counter()
+        run_segmentation(cfg, resume=run.path if run is not None else None)
+        data = json.loads(summary.read_text())
+        data["seconds"] = time.perf_counter() - started
+        summary.write_text(json.dumps(data, indent=2) + "\n")
+    return json.loads(summary.read_text())
+
+
+def finetune_reid(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """A re-ID run's ``eval.json`` (CMC, mAP, mINP), trained and scored unless it was."""
+    from downstream.reid.config import ReIDConfig
+    from downstream.reid.train import run_reid
+
+    cfg = load_config(ReIDConfig, config_file, overrides)
+    run_dir = Path(cfg.out_dir)
+    run = _existing(run_dir, "model.pt", to_dict(cfg))
+    if run is None or not (run_dir / "eval.json").exists():
+        run_reid(cfg, resume=run.path if run is not None else None)
+    return json.loads((run_dir / "eval.json").read_text())
+
+
+def label_efficiency(seg_config: Path, work: Path, encoder_dir: Path,
+                     plan: Iterable[tuple[float, int, Sequence[str]]], common: Sequence[str],
+                     arms: Sequence[str] = ARMS) -> list[dict[str, Any]]:
+    """Fine-tune every ``(label fraction, seed, overrides)`` of ``plan`` from each of ``arms`` into
+    ``work/runs/<arm>_f<fraction>_s<seed>``; the same seed draws the same labelled subset for both
+    starts. Returns one row per run: arm, fraction, seed and the run's summary."""
+    rows = []
+    for fraction, seed, extra in plan:
+        for arm in arms:
+            run_dir = work / "runs" / f"{arm}_f{fraction:g}_s{seed}"
+            summary = finetune_seg(seg_config, [
+                *common, f"out_dir={run_dir}", f"data.label_fraction={fraction}", f"train.seed={seed}",
+                f"model.encoder_weights={encoder_dir if arm == 'pretrained' else ''}", *extra])
+            rows.append({"arm": arm, "fraction": fraction, "seed": seed, "run_dir": str(run_dir), **summary})
+    return rows

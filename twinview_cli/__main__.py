@@ -1,0 +1,3 @@
+from twinview_cli.main import main
+
+raise SystemExit(main())
