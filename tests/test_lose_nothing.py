@@ -35,8 +35,8 @@ SEG_META = {
     "arch": "unet", "encoder": "resnet18", "unet_channels": [4, 8], "spatial_dims": 3, "in_channels": 1,
     "out_channels": 3, "labels": {"0": "background", "1": "a", "2": "b"}, "task": "Toy", "kind": "msd",
     "modality": "MRI", "encoder_weights": "",
-    "preprocessing": {"orientation": "", "spacing": None, "normalize": "zscore", "ct_window": [-175.0, 250.0],
-                      "slice_axis": 2, "roi": [8, 8, 8], "image_dims": 3},
+    "preprocessing": {"orientation": "RAS", "spacing": None, "normalize": "zscore",
+                      "ct_window": [-175.0, 250.0], "slice_axis": 2, "roi": [8, 8, 8], "image_dims": 3},
 }
 
 
@@ -260,9 +260,6 @@ def test_seg_predict_failure_leaves_no_half_written_folder(tmp_path: Path, seg_r
     import downstream.seg.predict as seg_predict
 
     scans = _scans(tmp_path / "scans")
-    out = tmp_path / "pred"
-    seg_predict.predict(scans, seg_run, out, device="cpu")
-    before = snapshot(out)
     real = seg_predict.save_overlay
     calls = []
 
@@ -274,12 +271,18 @@ def test_seg_predict_failure_leaves_no_half_written_folder(tmp_path: Path, seg_r
 
     monkeypatch.setattr(seg_predict, "save_overlay", fail_on_second)
     with pytest.raises(OSError, match="disk full"):
+        seg_predict.predict(scans, seg_run, tmp_path / "new", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scans"]  # nothing half-written
+    monkeypatch.undo()
+    out = tmp_path / "pred"
+    seg_predict.predict(scans, seg_run, out, device="cpu")
+    before = snapshot(out)
+    calls.clear()
+    monkeypatch.setattr(seg_predict, "save_overlay", fail_on_second)
+    with pytest.raises(OSError, match="disk full"):
         seg_predict.predict(scans, seg_run, out, device="cpu", overwrite=True)
     assert snapshot(out) == before  # the earlier output is untouched
-    calls.clear()
-    with pytest.raises(OSError, match="disk full"):
-        seg_predict.predict(scans, seg_run, tmp_path / "new", device="cpu")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred", "scans"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred", "scans"]
 
 
 # --------------------------------------------------------------------------- 4. a 2D image for a volume model

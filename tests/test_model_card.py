@@ -122,7 +122,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     ("reid", _set("preprocessing.intensity.percentiles", [99.8, 1.0]),
      "preprocessing.intensity.percentiles: [99.8, 1.0] needs lo < hi"),
     ("pretraining", _set("preprocessing.intensity.mean", [0.5]), "preprocessing.intensity.mean:"),
-    ("pretraining", _set("preprocessing.intensity.std", [0.2, 0.2, 0.2, 0.2]), "preprocessing.intensity.std:"),
+    ("pretraining", _set("preprocessing.intensity.std", [0.2] * 4), "preprocessing.intensity.std:"),
     ("pretraining", _set("input_size", [64, 64, 64]), "input_size: [64, 64, 64] needs 2 entries"),
     ("segmentation", _set("patch_size", [32, 32, 32]), "patch_size: [32, 32, 32] needs 2 entries"),
     ("segmentation", _set("spatial_dims", 3), "patch_size:"),
@@ -144,10 +144,12 @@ def test_cross_field_rules_name_the_key(task: str, change: Callable[[dict[str, A
     ("reid", _set("preprocessing.extra", 1), "preprocessing.extra: unknown key"),
     ("segmentation", _set("preprocessing.intensity.percentiles", [1, 99]),
      "preprocessing.intensity.percentiles: unknown key"),
-    ("segmentation", _set("preprocessing.intensity.kind", "minmax"), "preprocessing.intensity.kind: 'minmax'"),
+    ("segmentation", _set("preprocessing.intensity.kind", "minmax"),
+     "preprocessing.intensity.kind: 'minmax'"),
     ("segmentation", _set("preprocessing.intensity", "zscore"), "preprocessing.intensity: 'zscore'"),
     ("pretraining", _set("preprocessing.intensity.std", [0.2, 0.0, 0.2]), "preprocessing.intensity.std[1]:"),
-    ("pretraining", _set("preprocessing.resize", "resize_bilinear"), "preprocessing.shorter_side: not allowed"),
+    ("pretraining", _set("preprocessing.resize", "resize_bilinear"),
+     "preprocessing.shorter_side: not allowed"),
     ("pretraining", _set("preprocessing.orientation", "LPS"), "preprocessing.orientation:"),
     ("reid", _set("preprocessing.slice_axis", 3), "preprocessing.slice_axis:"),
     ("reid", _set("in_channels", 0), "in_channels:"),
@@ -161,7 +163,8 @@ def test_cross_field_rules_name_the_key(task: str, change: Callable[[dict[str, A
     ("reid", _set("weights.file", "encoder.pt"), "weights.file:"),
     ("segmentation", _set("data", None), "data: None is not of type 'object'"),
 ])
-def test_schema_rules_name_the_key(task: str, change: Callable[[dict[str, Any]], None], expected: str) -> None:
+def test_schema_rules_name_the_key(task: str, change: Callable[[dict[str, Any]], None],
+                                   expected: str) -> None:
     card = CARDS[task]()
     change(card)
     assert _reason(card).startswith(expected)
@@ -201,7 +204,7 @@ def test_write_refuses_an_invalid_card(tmp_path: Path) -> None:
     (b'{"a": 1, "a": 2}', "appears twice"),
     (b'{"a": NaN}', "NaN"),
     (b'{"task": "r\xe9id"}', "not UTF-8"),
-    (b"[]", "card: [] is not of type 'object'"),
+    (b"[]", r"card: \[\] is not of type 'object'"),
     (b'{"schema": "twinview-model-card/1"}', "twinview_version: missing"),
 ])
 def test_bad_files_name_the_file(tmp_path: Path, content: bytes, reason: str) -> None:
@@ -247,7 +250,8 @@ def test_intensity_from_preset_and_seg() -> None:
         "kind": "percentile", "percentiles": [1.0, 99.8]}
     assert intensity_from_preset({"intensity": "uint8/255", "mean": [0.5] * 3, "std": [0.25] * 3}) == {
         "kind": "mean_std", "mean": [0.5] * 3, "std": [0.25] * 3, "max_value": 255.0}
-    assert intensity_from_seg({"normalize": "zscore", "ct_window": [-175.0, 250.0]}) == {"kind": "zscore_nonzero"}
+    assert intensity_from_seg({"normalize": "zscore", "ct_window": [-175.0, 250.0]}) == {
+        "kind": "zscore_nonzero"}
     assert intensity_from_seg({"normalize": "ct_window", "ct_window": [-175.0, 250.0]}) == {
         "kind": "ct_window", "window": [-175.0, 250.0]}
     assert intensity_from_seg({"normalize": "percentile", "ct_window": [-175.0, 250.0]}) == {
@@ -256,6 +260,33 @@ def test_intensity_from_preset_and_seg() -> None:
         intensity_from_seg({"normalize": "minmax"})
     with pytest.raises(DataError, match="'gamma'"):
         intensity_from_preset({"intensity": "gamma"})
+
+
+_OLD_POLICY = "drop alpha; repeat a single channel; RGB to grey (ITU-R 601) if channels == 1"
+_IMAGENET_MEAN, _IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _old_preset_metadata(preset: str, size: tuple[int, ...], dims: int) -> dict[str, Any]:
+    """What ``pretrain.views.preset_metadata`` returned before the model card (commit d59195b), frozen
+    here because the function now speaks the card's vocabulary; old encoder.pt files hold these dicts."""
+    channels = 1 if preset in ("ct", "mri") else 3
+    meta: dict[str, Any] = {
+        "preset": preset, "spatial_dims": dims, "size": list(size), "channels": channels,
+        "layout": "CDHW" if dims == 3 else "CHW", "channel_policy": _OLD_POLICY,
+        "mean": [0.0] * channels, "std": [1.0] * channels, "range": [0.0, 1.0],
+        "resize": "center_crop_then_pad" if dims == 3 else "resize_bilinear"}
+    if preset == "ct":
+        meta.update(intensity="hu_window", window=[40.0, 400.0])
+    elif preset == "mri":
+        meta.update(intensity="zscore_nonzero", range=None)
+    elif preset == "microscopy":
+        meta.update(intensity="percentile", percentiles=[1.0, 99.8])
+    else:
+        meta.update(intensity="uint8/255", mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+                    range=[-2.1179039301310043, 2.6399999999999997])
+    if preset == "natural":
+        meta.update(resize="shorter_side_then_center_crop", shorter_side=round(max(size) / 0.875))
+    return meta
 
 
 @pytest.mark.parametrize(("preset", "size", "dims", "channels", "kind"), [
@@ -268,11 +299,9 @@ def test_intensity_from_preset_and_seg() -> None:
     ("natural", (64, 64), 2, 3, "mean_std"),
 ])
 def test_legacy_encoder(preset: str, size: tuple[int, ...], dims: int, channels: int, kind: str) -> None:
-    from pretrain.views import preset_metadata
-
     # as pretrain.trainer._encoder_meta wrote it into encoder.pt
     meta = {"name": "resnet50", "in_channels": channels, "spatial_dims": dims, "small_stem": True,
-            "method": "byol", "preprocessing": preset_metadata(preset, size, spatial_dims=dims)}
+            "method": "byol", "preprocessing": _old_preset_metadata(preset, size, dims)}
     card = card_from_legacy(meta, "encoder", "encoder.pt", SHA)
     validate_card(card)
     json.dumps(card, allow_nan=False)
@@ -285,8 +314,23 @@ def test_legacy_encoder(preset: str, size: tuple[int, ...], dims: int, channels:
     if preset == "ct":
         assert card["preprocessing"]["intensity"]["window"] == [-160.0, 240.0]
     if preset == "natural":
-        assert card["preprocessing"]["shorter_side"] == meta["preprocessing"]["shorter_side"]
+        assert card["preprocessing"]["shorter_side"] == meta["preprocessing"]["shorter_side"] == 73
     assert card["weights"] == {"file": "encoder.pt", "sha256": SHA}
+
+
+def test_legacy_payload_already_in_card_vocabulary() -> None:
+    """A .pt file whose card went missing may hold metadata already in the card's vocabulary."""
+    pre = {"intensity": {"kind": "ct_window", "window": [-160.0, 240.0]}, "resize": "center_crop_then_pad",
+           "orientation": "", "spacing": None, "slice_axis": None, "channel_policy": "repeat"}
+    meta = {"name": "resnet34", "in_channels": 1, "spatial_dims": 3, "small_stem": False, "method": "moco",
+            "size": [32, 32, 32], "preprocessing": pre}
+    card = card_from_legacy(meta, "encoder", "encoder.pt", SHA)
+    assert card["preprocessing"] == pre and card["input_size"] == [32, 32, 32]
+    assert card["embedding_size"] == 512
+    seg_pre = {**pre, "resize": "sliding_window", "orientation": "RAS", "slice_axis": 2}
+    meta = {**_old_seg_meta(), "preprocessing": seg_pre, "roi": [48, 48]}
+    card = card_from_legacy(meta, "segmentation", "model.pt", SHA)
+    assert card["preprocessing"] == seg_pre and card["patch_size"] == [48, 48]
 
 
 def _old_seg_meta(**preprocessing: Any) -> dict[str, Any]:
@@ -296,7 +340,8 @@ def _old_seg_meta(**preprocessing: Any) -> dict[str, Any]:
     return {"arch": "flexunet", "encoder": "resnet18", "unet_channels": [32, 64, 128, 256, 512],
             "spatial_dims": 2, "in_channels": 1, "out_channels": 3,
             "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
-            "task": "Hippocampus", "kind": "msd", "modality": "MRI", "preprocessing": p, "encoder_weights": ""}
+            "task": "Hippocampus", "kind": "msd", "modality": "MRI", "preprocessing": p,
+            "encoder_weights": ""}
 
 
 def test_legacy_segmentation() -> None:
@@ -324,11 +369,10 @@ def test_legacy_segmentation() -> None:
 
 
 def test_legacy_reid() -> None:
-    from pretrain.views import preset_metadata
-
     # as downstream.reid.train.model_metadata wrote it into model.pt
     meta = {"encoder": "resnet18", "last_stride": 1, "pooling": "gem", "num_classes": 751, "size": [256, 128],
-            "source": "reid", "encoder_weights": "", "preprocessing": preset_metadata("reid", (256, 128))}
+            "source": "reid", "encoder_weights": "",
+            "preprocessing": _old_preset_metadata("reid", (256, 128), 2)}
     card = card_from_legacy(meta, "reid", "model.pt", SHA)
     assert card["architecture"] == {"name": "reid_bnneck", "encoder": "resnet18", "last_stride": 1,
                                     "pooling": "gem", "num_classes": 751}

@@ -45,7 +45,7 @@ def test_torch_pinned_exactly_once() -> None:
 
 
 def test_console_command_lists_subcommands() -> None:
-    out = subprocess.run([sys.executable, "-m", "twinview", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "twinview_cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
     for sub in ("data", "demo"):
         assert sub in out

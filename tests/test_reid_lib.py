@@ -379,4 +379,4 @@ def test_untrained_model_is_seeded_and_leaves_the_global_random_state() -> None:
     first = next(iter(a.state_dict()))
     assert torch.equal(a.state_dict()[first], b.state_dict()[first])
     assert not torch.equal(a.state_dict()[first], c.state_dict()[first])
-    assert not a.training and meta["size"] == [64, 32] and meta["preprocessing"]["size"] == [64, 32]
+    assert not a.training and meta["size"] == [64, 32] and meta["preprocessing"]["resize"] == "resize_bilinear"

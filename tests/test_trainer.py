@@ -18,6 +18,7 @@ from engine.checkpoint import list_checkpoints, load_checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.encoders import build_encoder
 from twinview.config import load_config
+from twinview.run_folder import RunFolderError
 
 
 def tiny_overrides(data: Path, run: Path, kind: str = "market1501") -> list[str]:
@@ -87,7 +88,7 @@ def test_existing_run_is_not_overwritten(synth_market: Path, tmp_path: Path) -> 
     cfg = tiny_config(synth_market, tmp_path / "run", "train.max_steps=3")
     run_pretraining(cfg)
     before = {p.name: p.stat().st_mtime_ns for p in list_checkpoints(tmp_path / "run")}
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunFolderError, match="--resume"):
         run_pretraining(cfg)
     assert {p.name: p.stat().st_mtime_ns for p in list_checkpoints(tmp_path / "run")} == before
 

@@ -54,7 +54,10 @@ def _validator() -> jsonschema.protocols.Validator:
 
 
 def validate_card(card: dict[str, Any], source: str | os.PathLike[str] | None = None) -> None:
-    """Check ``card`` against the schema and the cross-key rules; a ``DataError(source, ...)`` names the key."""
+    """Check ``card`` against the schema and the cross-key rules; a ``DataError(source, ...)`` names the key.
+
+    The reason is one line, ``<key path>: <what is wrong>``, e.g. ``preprocessing.intensity.window: ...``.
+    """
     errors = list(_validator().iter_errors(card))
     if errors:
         raise DataError(source, _describe(_first(errors)))
@@ -67,7 +70,8 @@ def _first(errors: list[ValidationError]) -> ValidationError:
     """The error to report: the shallowest (ties: schema order), a oneOf resolved by the ``kind`` it names."""
     err = min(errors, key=lambda e: len(e.absolute_path))
     if err.validator == "oneOf" and not isinstance(err.instance, dict):
-        return _custom(err, None, f"{err.instance!r} is not an object with a kind in {list(_INTENSITY_KINDS)}")
+        kinds = list(_INTENSITY_KINDS)
+        return _custom(err, None, f"{err.instance!r} is not an object with a kind in {kinds}")
     if err.validator == "oneOf" and err.context:
         kind = err.instance.get("kind")
         if "kind" not in err.instance:
@@ -92,8 +96,8 @@ def _describe(err: ValidationError) -> str:
     path = list(err.absolute_path)
     comment = err.schema.get("$comment") if isinstance(err.schema, dict) else None
     if err.validator == "required":
-        missing = next((k for k in err.validator_value if isinstance(err.instance, dict) and k not in err.instance),
-                       err.validator_value[0])
+        present = err.instance if isinstance(err.instance, dict) else {}
+        missing = next((k for k in err.validator_value if k not in present), err.validator_value[0])
         return f"{_key_path([*path, missing])}: missing"
     if err.validator == "additionalProperties" and isinstance(err.instance, dict):
         known = set(err.schema.get("properties", {}))
@@ -163,7 +167,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def write_card(card: dict[str, Any], path: Path) -> Path:
-    """Validate ``card`` and write it atomically to ``path`` (a folder: ``path / model.json``); returns the file."""
+    """Validate ``card``, write it atomically to ``path`` (a folder: ``path / model.json``); returns the file.
+
+    Written as a temporary file in the same folder, fsynced, then renamed over ``path``.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CARD_FILE
@@ -201,7 +208,11 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def read_card(path: Path) -> dict[str, Any]:
-    """Read and validate a card (``path`` or ``path / model.json``); any problem is a DataError naming the file."""
+    """Read and validate a card (``path``, or ``path / model.json`` for a folder).
+
+    A missing or unreadable file, bytes that are not UTF-8, invalid JSON (also NaN and repeated keys) or a
+    schema violation is a DataError naming the file.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CARD_FILE
@@ -259,8 +270,13 @@ def check_weights(card: dict[str, Any], folder: Path) -> None:
 
 
 def intensity_from_preset(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's intensity step from old pretraining preset metadata (``pretrain.views.preset_metadata``)."""
+    """The card's intensity step from old pretraining preset metadata (``pretrain.views.preset_metadata``).
+
+    Metadata already in the card's vocabulary (``intensity`` an object with a ``kind``) passes through.
+    """
     kind = meta.get("intensity")
+    if isinstance(kind, Mapping):
+        return copy.deepcopy(dict(kind))
     if kind == "hu_window":
         center, width = (float(v) for v in meta["window"])
         return {"kind": "ct_window", "window": [center - width / 2, center + width / 2]}
@@ -275,7 +291,12 @@ def intensity_from_preset(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def intensity_from_seg(p: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's intensity step from old segmentation metadata (``downstream.seg.data.preprocess_metadata``)."""
+    """The card's intensity step from old segmentation metadata (``seg.data.preprocess_metadata``).
+
+    Metadata already in the card's vocabulary (``intensity`` an object with a ``kind``) passes through.
+    """
+    if isinstance(p.get("intensity"), Mapping):
+        return copy.deepcopy(dict(p["intensity"]))
     mode = p.get("normalize")
     if mode == "zscore":
         return {"kind": "zscore_nonzero"}
@@ -323,7 +344,8 @@ def _preset_preprocessing(pre: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"intensity": intensity_from_preset(pre), "resize": pre["resize"]}
     if "shorter_side" in pre:
         out["shorter_side"] = int(pre["shorter_side"])
-    out.update(orientation="", spacing=None, slice_axis=None, channel_policy=pre["channel_policy"])
+    out.update(orientation=pre.get("orientation", ""), spacing=pre.get("spacing"),
+               slice_axis=pre.get("slice_axis"), channel_policy=pre["channel_policy"])
     return out
 
 
@@ -332,30 +354,33 @@ def _legacy_encoder(m: Mapping[str, Any]) -> dict[str, Any]:
     return {**_base("pretraining"),
             "architecture": {"name": m["name"], "small_stem": bool(m["small_stem"])},
             "spatial_dims": int(m["spatial_dims"]), "in_channels": int(m["in_channels"]),
-            "input_size": [int(s) for s in pre["size"]], "patch_size": None,
+            "input_size": [int(s) for s in (pre["size"] if "size" in pre else m["size"])], "patch_size": None,
             "preprocessing": _preset_preprocessing(pre), "labels": None,
             "embedding_size": _embedding_size(m["name"]), "pretraining_method": m["method"], "data": None}
 
 
 def _legacy_segmentation(m: Mapping[str, Any]) -> dict[str, Any]:
     p = m["preprocessing"]
-    dims, image_dims = int(m["spatial_dims"]), int(p["image_dims"])
-    policy = ("RGB: alpha dropped, grey repeated" if m["kind"] == "dsb2018"
-              else "as stored: a 4D volume's last axis holds the in_channels channels")
+    dims = int(m["spatial_dims"])
+    if isinstance(p.get("intensity"), Mapping):  # already the card's vocabulary; the window is m["roi"]
+        preprocessing, roi = copy.deepcopy(dict(p)), m["roi"]
+    else:
+        policy = ("RGB: alpha dropped, grey repeated" if m["kind"] == "dsb2018"
+                  else "as stored: a 4D volume's last axis holds the in_channels channels")
+        preprocessing, roi = {
+            "intensity": intensity_from_seg(p), "resize": "sliding_window",
+            "orientation": p["orientation"] or "",
+            "spacing": None if p["spacing"] is None else [float(s) for s in p["spacing"]],
+            "slice_axis": int(p["slice_axis"]) if dims == 2 and int(p["image_dims"]) == 3 else None,
+            "channel_policy": policy}, p["roi"]
     return {**_base("segmentation"),
             "architecture": {"name": m["arch"], "encoder": m["encoder"],
                              "unet_channels": [int(c) for c in m["unet_channels"]],
                              "out_channels": int(m["out_channels"])},
             "spatial_dims": dims, "in_channels": int(m["in_channels"]),
-            "input_size": None, "patch_size": [int(s) for s in p["roi"]],
-            "preprocessing": {
-                "intensity": intensity_from_seg(p), "resize": "sliding_window",
-                "orientation": p["orientation"] or "",
-                "spacing": None if p["spacing"] is None else [float(s) for s in p["spacing"]],
-                "slice_axis": int(p["slice_axis"]) if dims == 2 and image_dims == 3 else None,
-                "channel_policy": policy},
+            "input_size": None, "patch_size": [int(s) for s in roi], "preprocessing": preprocessing,
             "labels": {str(k): str(v) for k, v in m["labels"].items()},
-            "embedding_size": None, "pretraining_method": None,
+            "embedding_size": None, "pretraining_method": m.get("pretraining_method"),
             "data": {"name": m["task"], "kind": m["kind"], "modality": m["modality"]}}
 
 
@@ -370,4 +395,4 @@ def _legacy_reid(m: Mapping[str, Any]) -> dict[str, Any]:
             "preprocessing": _preset_preprocessing(pre), "labels": None,
             "embedding_size": _embedding_size(m["encoder"]), "pretraining_method": None,
             # old re-ID runs trained on Market-1501 only (downstream.reid.train.run_reid)
-            "data": {"name": "Market-1501", "kind": "market1501", "modality": "photo"}}
+            "data": m.get("data") or {"name": "Market-1501", "kind": "market1501", "modality": "photo"}}

@@ -19,7 +19,7 @@ DISTRACTOR_PID = 0
 
 _CHUNK_ELEMENTS = 1 << 22  # distance-matrix entries processed at once by ``market1501_scores``
 
-Ids = Sequence[int] | np.ndarray
+_Ids = Sequence[int] | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def pairwise_distance(q_feats: np.ndarray, g_feats: np.ndarray, metric: str = "c
 # --------------------------------------------------------------------------- scoring
 
 
-def market1501_scores(distmat: np.ndarray, q_pids: Ids, g_pids: Ids, q_camids: Ids, g_camids: Ids,
+def market1501_scores(distmat: np.ndarray, q_pids: _Ids, g_pids: _Ids, q_camids: _Ids, g_camids: _Ids,
                       max_rank: int = 50, chunk: int | None = None) -> RetrievalScores:
     """Retrieval scores under the Market-1501 protocol (Zheng et al. 2015, "Scalable Person
     Re-identification: A Benchmark", ICCV), vectorised over queries.
@@ -130,7 +130,7 @@ def rank_table(cmc: np.ndarray, mAP: float, mINP: float, ranks: Sequence[int] = 
 # --------------------------------------------------------------------------- internals
 
 
-def _checked_inputs(distmat: np.ndarray, q_pids: Ids, g_pids: Ids, q_camids: Ids, g_camids: Ids,
+def _checked_inputs(distmat: np.ndarray, q_pids: _Ids, g_pids: _Ids, q_camids: _Ids, g_camids: _Ids,
                     max_rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The inputs as arrays, after the checks listed in :func:`market1501_scores`."""
     distmat = np.asarray(distmat)
@@ -213,7 +213,7 @@ def _chunk_scores(d: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray, g_pid
     return ranks[starts[valid]], ap, n_rel[valid] / ranks[(starts + n_rel - 1)[valid]]
 
 
-def _reference_scores(distmat: np.ndarray, q_pids: Ids, g_pids: Ids, q_camids: Ids, g_camids: Ids,
+def _reference_scores(distmat: np.ndarray, q_pids: _Ids, g_pids: _Ids, q_camids: _Ids, g_camids: _Ids,
                       max_rank: int = 50) -> RetrievalScores:
     """Plain per-query loop computing the same protocol as :func:`market1501_scores`: the oracle of
     the tests and the baseline of ``benchmarks/reid_eval_speed.py``."""
