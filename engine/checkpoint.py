@@ -91,8 +91,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except OSError as err:
         raise CheckpointError(path, f"cannot read the file: {err.strerror or type(err).__name__}") from err
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(path, "not a readable twinview checkpoint: truncated or not a torch file"
-                              ) from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        if (isinstance(err, RuntimeError) and first
+                and not any(w in first for w in ("PytorchStreamReader", "weights_only", "Unpickler"))):
+            reason = f"cannot be loaded: {first[:200]}"  # e.g. CUDA tensors on a machine without CUDA
+        else:
+            reason = "not a readable twinview checkpoint: truncated or not a torch file"
+        raise CheckpointError(path, reason) from err
 
 
 def load_payload(path: Path, required_keys: Sequence[str] | Sequence[Sequence[str]], what: str,
@@ -102,18 +107,20 @@ def load_payload(path: Path, required_keys: Sequence[str] | Sequence[Sequence[st
     ``DataError``) that names the file and says it is not a twinview ``what`` file."""
     alternatives = ([tuple(required_keys)] if all(isinstance(k, str) for k in required_keys)
                     else [tuple(keys) for keys in required_keys])
+    wanted = " or ".join(" + ".join(keys) for keys in alternatives)
+    prefix = "not a readable twinview checkpoint: "
     try:
         payload = load_checkpoint(path, map_location=map_location)
     except CheckpointError as err:
-        reason = err.reason.removeprefix("not a readable twinview checkpoint: ")
-        raise CheckpointError(path, f"not a twinview {what} file: {reason}") from err
+        if not err.reason.startswith(prefix):  # missing, unreadable, no CUDA: not about the content
+            raise
+        raise CheckpointError(path, f"not a twinview {what} file: {err.reason.removeprefix(prefix)}") from err
     if not isinstance(payload, dict):
-        raise CheckpointError(path, f"not a twinview {what} file: it holds a {type(payload).__name__}, not "
-                                    f"the {' / '.join(map(str, alternatives))} a {what} file holds")
+        raise CheckpointError(path, f"not a twinview {what} file: it holds a {type(payload).__name__}, "
+                                    f"not a dict of {wanted}")
     if not any(all(k in payload for k in keys) for keys in alternatives):
         found = ", ".join(sorted(map(str, payload))[:8]) or "nothing"
-        raise CheckpointError(path, f"not a twinview {what} file: it holds {found}, not "
-                                    f"{' or '.join(map(str, alternatives))}")
+        raise CheckpointError(path, f"not a twinview {what} file: it holds {found}, not {wanted}")
     return payload
 
 

@@ -80,7 +80,12 @@ class LoopResult:
 
 
 class Task:
-    """A task's part of training; subclasses implement ``build`` and ``compute_loss``."""
+    """A task's part of training; subclasses implement ``build`` and ``compute_loss``.
+
+    Randomness comes from per-item seeds (:func:`engine.sampling.sample_seed`), not from the global
+    generator during a step: each new loader iterator draws from that generator, so global draws in a
+    step would differ after a mid-epoch resume.
+    """
 
     name = "train"  # the progress bar's label and the loss plot's title
     extra_fields: tuple[str, ...] = ()  # more metrics.csv columns (what ``validate`` returns)
@@ -152,6 +157,8 @@ def train(task: Task, run: RunFolder, settings: LoopSettings, config: dict[str, 
     rank, world = dist_utils.rank(), dist_utils.world_size()
     is_main = rank == 0
     s, device = settings, settings.device
+    if is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
     parts = task.build(device, rank, world)
     best_path = run.path / BEST_FILE
     model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler

@@ -124,9 +124,9 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
     config = to_dict(cfg)
     run = RunFolder.open(resume if resume is not None else cfg.out_dir, "encoder.pt", config,
                          resume=resume is not None)
+    device = select_device(t.device)
     with run.lock() if is_main else contextlib.nullcontext():
         set_determinism(t.seed, t.deterministic)
-        device = select_device(t.device)
         task = PretrainTask(cfg, None)
         task.amp_dtype = amp_dtype = select_amp(t.amp, device, task.spatial_dims)
         if is_main:

@@ -105,3 +105,83 @@ def test_demo_runs_every_stage_quickly(tmp_path: Path) -> None:
     reid = json.loads((out / "reid_summary.json").read_text())
     assert all(0.0 < reid[arm]["rank1"] <= 1.0 for arm in ("pretrained", "random"))
     assert "4/4 re-ID" in done.stdout and f"Results are in {out.resolve()}" in done.stdout
+
+
+def test_version_prints_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    from twinview.provenance import twinview_version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"twinview {twinview_version()}"
+
+
+def test_a_mistyped_flag_shows_its_subcommands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["seg", "train", "--labl-fraction", "0.5"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "usage: twinview seg train" in err
+    assert "unrecognized arguments: --labl-fraction 0.5" in err
+
+
+def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    code = main(["seg", "train", "--config", str(REPO / "configs/seg/hippocampus2d.yaml"), "--label-fraction",
+                 "0.25", "--set", f"out_dir={tmp_path / 'run'}", "--print-config"])
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert code == 0 and shown["data"]["label_fraction"] == 0.25 and shown["model"]["arch"] == "flexunet"
+    assert not (tmp_path / "run").exists()
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("twinview: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and "<no path>" not in err
+    return err
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path: Path, synth_market: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    err = one_line_error(capsys, ["seg", "predict", str(synth_market), "--model", str(tmp_path / "nope"),
+                                  "--out", str(tmp_path / "masks")])
+    assert str(tmp_path / "nope") in err
+    err = one_line_error(capsys, ["reid", "query", str(tmp_path / "no_index"),
+                                  str(next((synth_market / "query").iterdir()))])
+    assert "no_index" in err
+    err = one_line_error(capsys, ["views", "ct", str(synth_market), "--out", str(tmp_path / "v.png"), "--3d"])
+    assert "3D views need an MSD folder" in err
+    err = one_line_error(capsys, ["pretrain", "--set", f"data.path={synth_market}", "--set", "optim.lr=-0.1",
+                                  "--set", f"out_dir={tmp_path / 'lr'}"])
+    assert err == "twinview: error: optim.lr: -0.1 is not > 0\n" and not (tmp_path / "lr").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without GPU")
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path, synth_market: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    err = one_line_error(capsys, ["pretrain", "--set", f"data.path={synth_market}", "--set", "train.device=cuda",
+                                  "--set", f"out_dir={tmp_path / 'run'}"])
+    assert "no CUDA device" in err and not (tmp_path / "run").exists()
+
+
+def fake_seg_run(path: Path, fraction: float) -> None:
+    from downstream.seg.config import SegConfig
+    from twinview.config import load_config, save_config
+
+    path.mkdir()
+    save_config(load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml",
+                            [f"out_dir={path}", f"data.label_fraction={fraction}"]), path / "config.yaml")
+    (path / "ckpt-00000010.pt").write_bytes(b"not read: the settings are compared first")
+
+
+def test_resume_refuses_a_changed_label_fraction_and_an_existing_run_is_not_overwritten(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    fake_seg_run(run, 0.1)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    err = one_line_error(capsys, ["seg", "train", "--resume", str(run), "--label-fraction", "0.5"])
+    assert "data.label_fraction: 0.1 -> 0.5" in err
+    err = one_line_error(capsys, ["seg", "train", "--config", str(run / "config.yaml")])
+    assert "already holds a run" in err and f"--resume {run}" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

@@ -52,7 +52,7 @@ def is_link_loop(path: str | os.PathLike[str]) -> bool:
 def missing_path(path: str | os.PathLike[str], reason: str = "no such file or folder") -> DataError:
     """The error for an input path that cannot be followed: a symbolic link loop, or else ``reason``."""
     if is_link_loop(path):
-        return DataError(path, "symbolic link loop (a link that leads back to itself); nothing there to read")
+        return DataError(path, "symbolic link loop: following its links never reaches a file or folder")
     return DataError(path, reason)
 
 
@@ -62,9 +62,10 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
     """Refuse an output path that would overwrite an input or something twinview did not write.
 
     ``OutputError`` naming ``out`` when (symbolic links resolved) it is, contains or lies inside one of
-    ``inputs``; when it is an existing file (or a link loop); and, with ``foreign``, when it is a
-    non-empty folder for which ``foreign(out)`` gives a reason why it is not an earlier twinview
-    ``kind``, or is one and ``overwrite`` is off. A missing path or an empty folder passes.
+    ``inputs``; when it is an existing file (or a link loop); and, with ``foreign`` (for outputs that
+    replace the folder as a whole), when it is a symbolic link, or a non-empty folder for which
+    ``foreign(out)`` gives a reason why it is not an earlier twinview ``kind``, or is one and
+    ``overwrite`` is off. A missing path or an empty folder passes.
     """
     out = Path(out)
     real = Path(os.path.realpath(out))
@@ -82,7 +83,12 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
     if not out.is_dir():
         raise OutputError(out, f"exists and is not a folder; the {kind} is written as a folder: "
                                "choose another path")
-    if foreign is None or not any(out.iterdir()):
+    if foreign is None:
+        return
+    if os.path.islink(out):  # the folder is replaced as a whole: that must be the folder itself
+        raise OutputError(out, f"a symbolic link; give the folder it points to ({display_path(real)}) "
+                               "or a new one")
+    if not any(out.iterdir()):
         return
     reason = foreign(out)
     if reason is not None:

@@ -108,7 +108,6 @@ class RunFolder:
 
     def save_config(self, config: Mapping[str, Any]) -> None:
         """Write the resolved config atomically."""
-        self.path.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.path / CONFIG_FILE, yaml.safe_dump(dict(config), sort_keys=False))
 
     def record(self, provenance: Mapping[str, Any]) -> None:
@@ -170,6 +169,7 @@ def refuse_file_as_folder(path: Path) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as fh:
         fh.write(text)

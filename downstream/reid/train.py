@@ -139,9 +139,9 @@ def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
                          resume=resume is not None)
     market = read_market1501(Path(cfg.data.path))
     labels = relabel(market.train)
+    device = select_device(t.device)
     with run.lock() if is_main else contextlib.nullcontext():
         set_determinism(t.seed, t.deterministic)
-        device = select_device(t.device)
         amp_dtype = select_amp(t.amp, device, 2)
         if is_main:
             run.save_config(config)

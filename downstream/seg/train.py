@@ -166,9 +166,9 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
                          resume=resume is not None)
     task = read_task(d)
     check_config(cfg, task)
+    device = select_device(t.device)
     with run.lock() if is_main else contextlib.nullcontext():
         set_determinism(t.seed, t.deterministic)
-        device = select_device(t.device)
         amp_dtype = select_amp(t.amp, device, d.spatial_dims)
         if is_main:
             run.save_config(config)
