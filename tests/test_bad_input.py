@@ -33,12 +33,12 @@ from reader_builders import (
 
 from twinview.data.dicom import load_dicom_series, read_dicom_series
 from twinview.data.dsb2018 import load_nuclei, read_dsb2018
-from twinview.errors import DataError
 from twinview.data.images import load_image, read_image_folder
 from twinview.data.inspect import detect_format, inspect_path
 from twinview.data.market1501 import parse_market_name, read_market1501
 from twinview.data.msd import read_msd
 from twinview.data.nifti import check_pair, load_nifti, read_nifti_folder
+from twinview.errors import DataError
 
 NON_UTF8 = b"caf\xe9"  # Latin-1 "café": not valid UTF-8
 READABLE = "caf\\xe9"  # how errors and reports show it

@@ -20,7 +20,7 @@ SUBCOMMANDS = (["data"], ["data", "inspect"], ["data", "synth"], ["pretrain"], [
 
 
 def test_help_lists_every_subcommand() -> None:
-    out = subprocess.run([sys.executable, "-m", "twinview", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "twinview_cli", "--help"], capture_output=True, text=True,
                          check=True, cwd=REPO).stdout
     for name in ("data", "pretrain", "views", "seg", "reid", "demo"):
         assert f"    {name}" in out
@@ -90,7 +90,7 @@ def test_inspect_reports_the_real_data(name: str, fmt: str, shared_data: Path,
 @pytest.mark.slow
 def test_demo_runs_every_stage_quickly(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "twinview", "demo", "--out", str(out), "--quick"],
+    done = subprocess.run([sys.executable, "-m", "twinview_cli", "demo", "--out", str(out), "--quick"],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "pretrain_summary.json").read_text())
@@ -157,11 +157,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path, synth_market: Path,
     assert err == "twinview: error: optim.lr: -0.1 is not > 0\n" and not (tmp_path / "lr").exists()
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without GPU")
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path, synth_market: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    err = one_line_error(capsys, ["pretrain", "--set", f"data.path={synth_market}", "--set", "train.device=cuda",
-                                  "--set", f"out_dir={tmp_path / 'run'}"])
+    err = one_line_error(capsys, ["pretrain", "--set", f"data.path={synth_market}", "--set",
+                                  "train.device=cuda", "--set", f"out_dir={tmp_path / 'run'}"])
     assert "no CUDA device" in err and not (tmp_path / "run").exists()
 
 

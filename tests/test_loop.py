@@ -102,7 +102,7 @@ def test_a_finished_run_reports_what_it_reached(tmp_path: Path) -> None:
     assert train(ToyTask(), run, SETTINGS, {"toy": 1}) == result
 
 
-def test_a_non_finite_loss_stops_with_a_one_line_error_naming_the_last_good_checkpoint(tmp_path: Path) -> None:
+def test_a_non_finite_loss_is_a_one_line_error_naming_the_last_good_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match="loss became nan at step 5 .*ckpt-00000003.pt") as err:
         run_toy(tmp_path / "run", ToyTask(nan_at=5))
     assert "\n" not in str(err.value)

@@ -124,7 +124,7 @@ def test_label_free_path_and_pretrained_start(tmp_path: Path, synth_market: Path
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, synth_market: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import downstream.loop as loop
+    import engine.loop as loop
 
     full = run_reid(_cfg(synth_market, tmp_path / "full"))
     real_save = loop.save_rotating

@@ -325,7 +325,7 @@ def test_index_missing_or_corrupt_files(tmp_path: Path) -> None:
     (out / "meta.json").write_text("{not json")
     with pytest.raises(IndexFileError, match="meta.json"):
         load_index(out)
-    out = build_index(feats, records, "m", tmp_path / "idx")
+    out = build_index(feats, records, "m", tmp_path / "idx2")
     (out / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexFileError, match="index.faiss"):
         load_index(out)
@@ -350,10 +350,10 @@ def test_index_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     build_index(feats, records, "old", out)  # a failed rebuild keeps the old index
     monkeypatch.setattr(faiss, "write_index", half_written)
     with pytest.raises(OSError):
-        build_index(feats[:5], records[:5], "new", out)
+        build_index(feats[:5], records[:5], "new", out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["idx"] and load_index(out).model_id == "old"
     monkeypatch.undo()
-    build_index(feats[:5], records[:5], "new", out)  # a successful rebuild replaces it
+    build_index(feats[:5], records[:5], "new", out, overwrite=True)  # a successful rebuild replaces it
     assert [p.name for p in tmp_path.iterdir()] == ["idx"] and len(load_index(out)) == 5
 
 
@@ -379,4 +379,5 @@ def test_untrained_model_is_seeded_and_leaves_the_global_random_state() -> None:
     first = next(iter(a.state_dict()))
     assert torch.equal(a.state_dict()[first], b.state_dict()[first])
     assert not torch.equal(a.state_dict()[first], c.state_dict()[first])
-    assert not a.training and meta["size"] == [64, 32] and meta["preprocessing"]["resize"] == "resize_bilinear"
+    assert not a.training and meta["size"] == [64, 32]
+    assert meta["preprocessing"]["resize"] == "resize_bilinear"

@@ -63,7 +63,8 @@ def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tmp_path: Path,
     run = RunFolder(tmp_path / "run", "model.pt")
     with run.lock():
         assert json.loads((run.path / LOCK_FILE).read_text())["pid"] == os.getpid()
-        with pytest.raises(RunFolderError, match=f"another twinview process \\(pid {os.getpid()}"), run.lock():
+        busy = f"another twinview process \\(pid {os.getpid()}"
+        with pytest.raises(RunFolderError, match=busy), run.lock():
             pass
     assert not (run.path / LOCK_FILE).exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

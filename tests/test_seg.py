@@ -20,6 +20,7 @@ from pretrain.encoders import build_encoder
 from tests.reader_builders import snapshot, write_nifti
 from twinview.config import ConfigError, load_config
 from twinview.errors import DataError
+from twinview.run_folder import RunFolderError
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {0: "background", 1: "anterior", 2: "posterior"}
@@ -285,7 +286,7 @@ def test_train_predict_eval_2d_end_to_end(tmp_path: Path, synth_msd: Path,
     assert main(["seg", "predict", str(synth_msd / "imagesTs"), "--model", str(run),
                  "--out", str(pred_dir)]) == 0
     for source in sorted((synth_msd / "imagesTs").iterdir()):
-        mask = nib.load(str(pred_dir / source.name))
+        mask = nib.load(str(pred_dir / source.name.replace(".nii.gz", "_mask.nii.gz")))
         image = nib.load(str(source))
         assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
@@ -320,8 +321,9 @@ def test_prediction_follows_the_input_orientation(tmp_path: Path, synth_msd: Pat
     nib.save(nib.Nifti1Image(data, image.affine @ flip), str(flipped_dir / source.name))
     predict(source, run, tmp_path / "a", overlays=False)
     predict(flipped_dir / source.name, run, tmp_path / "b", overlays=False)
-    a = np.asarray(nib.load(str(tmp_path / "a" / source.name)).dataobj)
-    b = np.asarray(nib.load(str(tmp_path / "b" / source.name)).dataobj)
+    mask_name = source.name.replace(".nii.gz", "_mask.nii.gz")
+    a = np.asarray(nib.load(str(tmp_path / "a" / mask_name)).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "b" / mask_name)).dataobj)
     assert not np.array_equal(data, np.asarray(image.dataobj))  # the stored voxels really differ
     assert np.array_equal(a, b[::-1])
 
@@ -342,7 +344,7 @@ def test_prediction_follows_the_input_orientation(tmp_path: Path, synth_msd: Pat
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, synth_msd: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import downstream.loop as loop
+    import engine.loop as loop
     from downstream.seg.train import run_segmentation
 
     extra = ("model.arch=unet", "model.unet_channels=[8,16,32]", "train.val_every_steps=0",
@@ -361,7 +363,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, synth_m
         run_segmentation(_tiny(synth_msd, tmp_path / "cut", *extra))
     assert not (tmp_path / "cut" / "model.pt").exists()
     monkeypatch.setattr(loop, "save_rotating", real_save)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunFolderError, match="--resume"):
         run_segmentation(_tiny(synth_msd, tmp_path / "cut", *extra))
     resumed = run_segmentation(_tiny(synth_msd, tmp_path / "cut", *extra), resume=tmp_path / "cut")
     a = torch.load(full.model_path, weights_only=True)["model"]
@@ -392,3 +394,31 @@ def test_3d_flexunet_and_2d_nuclei_runs(tmp_path: Path, synth_msd: Path, synth_n
     images = sorted((tmp_path / "nuclei").glob("*/images/*.png"))[:1]
     rows = predict(images[0], result.run_dir, tmp_path / "p2d", overlays=True)
     assert Path(rows[0]["mask"]).suffix == ".png" and "volume_px_nucleus" in rows[0]
+
+
+@pytest.mark.slow
+def test_torchrun_fine_tunes_with_two_processes(tmp_path: Path, synth_msd: Path) -> None:
+    """Fine-tuning runs under torchrun like pretraining: one writer, every step once, best.pt kept."""
+    import csv
+    import subprocess
+    import sys
+
+    from engine.checkpoint import list_checkpoints, load_checkpoint
+
+    run = tmp_path / "ddp"
+    overrides = [f"out_dir={run}", f"data.path={synth_msd}", "data.roi=[32,32]", "data.test_cases=2",
+                 "data.val_cases=1", "train.steps=4", "train.batch_size=4", "train.val_every_steps=2",
+                 "train.ckpt_every_steps=2", "train.log_every_steps=1", "train.progress=false",
+                 "optim.warmup_steps=1", "train.amp=fp32",
+                 "model.arch=unet", "model.unet_channels=[8,16,32]"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "twinview_cli", "seg", "train", "--config", str(REPO / "configs/seg/hippocampus2d.yaml"),
+           *[a for o in overrides for a in ("--set", o)]]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    with (run / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert load_checkpoint(run / "best.pt")["best"]["metric"] == "val_dice"
+    assert (run / "model.json").exists() and (run / "summary.json").exists()

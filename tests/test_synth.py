@@ -17,10 +17,10 @@ from scipy import ndimage
 
 from twinview.data import synth
 from twinview.data.dsb2018 import load_nuclei, read_dsb2018
-from twinview.errors import DataError
 from twinview.data.market1501 import read_market1501
 from twinview.data.msd import read_msd
 from twinview.data.synth import generate
+from twinview.errors import DataError
 
 MARKET_NAME = re.compile(r"(-1|\d{4})_c([1-6])s([1-6])_(\d{6})_(\d{2})\.jpg")
 REAL_MSD_KEYS = {

@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synth_market: Path
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "twinview", "pretrain", *args]
+    return [sys.executable, "-m", "twinview_cli", "pretrain", *args]
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(synth_market: Path, tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_torchrun_two_cpu_processes_share_one_run(synth_market: Path, tmp_path: 
     overrides = [*tiny_overrides(synth_market, run), "method.name=moco", "method.queue_size=256",
                  "train.max_steps=3", "train.amp=fp32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "twinview", "pretrain", *[a for o in overrides for a in ("--set", o)]]
+           "-m", "twinview_cli", "pretrain", *[a for o in overrides for a in ("--set", o)]]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpts = list_checkpoints(run)

@@ -220,7 +220,8 @@ def test_preset_metadata_is_json_in_the_card_vocabulary(preset: str) -> None:
     meta = preset_metadata(preset, (64, 32))
     assert json.loads(json.dumps(meta)) == meta
     kind = meta["intensity"]["kind"]
-    assert kind == {"ct": "ct_window", "mri": "zscore_nonzero", "microscopy": "percentile"}.get(preset, "mean_std")
+    expected = {"ct": "ct_window", "mri": "zscore_nonzero", "microscopy": "percentile"}
+    assert kind == expected.get(preset, "mean_std")
     if kind == "mean_std":
         assert len(meta["intensity"]["mean"]) == len(meta["intensity"]["std"]) == 3
 

@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg_pred = seg_sub.add_parser(
         "predict", help="write masks (NIfTI with the input's affine, or PNG) and overlay PNGs",
         description="Segment INPUT (a NIfTI file, a folder of them, an MSD task folder, or 2D images) with "
-                    "a trained run. Writes <case>.nii.gz (or .png), overlays/<case>.png and volumes.csv "
-                    "(structure volumes in mL from the voxel spacing).")
+                    "a trained run into a new folder OUT (never an input's): <case>_mask.nii.gz (or .png), "
+                    "overlays/<case>.png, volumes.csv (structure volumes in mL from the voxel spacing) and "
+                    "predictions.json.")
     seg_pred.add_argument("input", type=Path)
     seg_pred.add_argument("--model", type=Path, required=True, metavar="RUN", help="run folder or model.pt")
     seg_pred.add_argument("--out", type=Path, required=True)

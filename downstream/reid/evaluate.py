@@ -19,7 +19,7 @@ import torch
 from downstream.reid.config import ReIDEvalConfig
 from downstream.reid.data import as_arrays, eval_pipeline, load_batch
 from downstream.reid.model import ReIDModel, embed
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_payload
 from pretrain.encoders import load_encoder_weights
 from pretrain.views import preset_metadata
 from twinview.errors import DataError
@@ -37,9 +37,8 @@ def load_reid_model(path: str | Path, device: torch.device | str = "cpu",
         path = path / "model.pt" if (path / "model.pt").exists() else path / "encoder.pt"
     if not path.exists():
         raise DataError(path, "no model.pt (re-ID run) or encoder.pt (pretraining run) here")
-    payload = load_checkpoint(path, map_location=device)
-    if not isinstance(payload, dict):
-        raise DataError(path, "not a twinview re-ID model or encoder file")
+    payload = load_payload(path, [("model", "model_config"), ("encoder", "encoder_config")], "re-ID model",
+                           map_location=device)
     if "model_config" in payload:
         meta = dict(payload["model_config"])
         model = ReIDModel(meta["num_classes"], meta["encoder"], meta["last_stride"], meta["pooling"])
@@ -58,8 +57,6 @@ def load_reid_model(path: str | Path, device: torch.device | str = "cpu",
         meta = {"encoder": enc["name"], "last_stride": 1, "pooling": "avg", "num_classes": 0, "size": crop,
                 "source": "pretrain", "method": enc.get("method"),
                 "preprocessing": preset_metadata("reid", tuple(crop))}
-    else:
-        raise DataError(path, "neither a re-ID model nor a pretrained encoder")
     if size is not None:
         meta["size"] = list(size)
         meta["preprocessing"] = preset_metadata("reid", tuple(size))
