@@ -44,20 +44,20 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: Market-1501 folder not found (pass --data)")
-    from engine.checkpoint import latest_checkpoint
+    from downstream.recipes import pretrain
     from pretrain.config import PretrainConfig
-    from pretrain.trainer import build_model, run_pretraining
+    from pretrain.trainer import build_model
     from twinview.config import load_config
 
     results_dir = REPO / "benchmarks" / "results"
     rows = {}
     for method in args.methods:
         run = args.runs / method
-        cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / f"market_{method}.yaml",
-                          [*DEFAULTS, f"data.path={args.data}", f"out_dir={run}", *args.set])
+        config = REPO / "configs" / "pretrain" / f"market_{method}.yaml"
+        overrides = [*DEFAULTS, f"data.path={args.data}", f"out_dir={run}", *args.set]
+        cfg = load_config(PretrainConfig, config, overrides)
         start = time.perf_counter()
-        if not (run / "encoder.pt").exists():
-            run_pretraining(cfg, resume=run if latest_checkpoint(run) else None)
+        pretrain(config, overrides)
         minutes = (time.perf_counter() - start) / 60
         model = build_model(cfg, spatial_dims=2)
         model.encoder.load_state_dict(torch.load(run / "encoder.pt", weights_only=True)["encoder"])

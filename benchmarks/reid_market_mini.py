@@ -34,22 +34,15 @@ ROWS = {"random": "random init, no training", "pretrained": "SimCLR pretrained, 
 
 
 def pretrain(args: argparse.Namespace) -> Path:
-    from engine.checkpoint import latest_checkpoint
-    from pretrain.config import PretrainConfig
-    from pretrain.trainer import run_pretraining
-    from twinview.config import load_config
+    from downstream import recipes
 
     if args.encoder:
         return Path(args.encoder)
-    run_dir = args.work / "pretrain_simclr"
-    if not (run_dir / "encoder.pt").exists():
-        h, w = args.size
-        cfg = load_config(PretrainConfig, REPO / "configs/pretrain/market_simclr.yaml", [
-            f"out_dir={run_dir}", f"data.path={args.data}", f"data.size=[{h},{w}]", "data.workers=1",
-            f"train.epochs={args.pretrain_epochs}", "train.batch_size=128", "train.knn_every_epochs=0",
-            "optim.warmup_epochs=2", f"train.progress={str(not args.quiet).lower()}"])
-        run_pretraining(cfg, resume=run_dir if latest_checkpoint(run_dir) else None)
-    return run_dir
+    h, w = args.size
+    return recipes.pretrain(REPO / "configs/pretrain/market_simclr.yaml", [
+        f"out_dir={args.work / 'pretrain_simclr'}", f"data.path={args.data}", f"data.size=[{h},{w}]",
+        "data.workers=1", f"train.epochs={args.pretrain_epochs}", "train.batch_size=128",
+        "train.knn_every_epochs=0", "optim.warmup_epochs=2", f"train.progress={str(not args.quiet).lower()}"])
 
 
 def evaluate_untrained(args: argparse.Namespace, name: str, encoder: Path | None) -> dict:
@@ -70,24 +63,20 @@ def evaluate_untrained(args: argparse.Namespace, name: str, encoder: Path | None
 
 
 def finetune(args: argparse.Namespace, name: str, encoder: Path | None) -> dict:
-    from downstream.reid.config import ReIDConfig
-    from downstream.reid.train import run_reid
-    from engine.checkpoint import latest_checkpoint
-    from twinview.config import load_config
+    from downstream.recipes import finetune_reid
 
     out = args.work / name
-    if not (out / "eval.json").exists():
-        h, w = args.size
-        cfg = load_config(ReIDConfig, REPO / "configs/reid/market.yaml", [
-            f"out_dir={out}", f"data.path={args.data}", f"data.size=[{h},{w}]", f"train.epochs={args.epochs}",
-            f"model.encoder_weights={encoder or ''}", f"train.progress={str(not args.quiet).lower()}",
-            "train.ckpt_every_steps=50"])
-        started = time.perf_counter()
-        run_reid(cfg, resume=out if latest_checkpoint(out) or (out / "model.pt").exists() else None)
-        result = json.loads((out / "eval.json").read_text())
+    done = (out / "eval.json").exists()
+    h, w = args.size
+    started = time.perf_counter()
+    result = finetune_reid(REPO / "configs/reid/market.yaml", [
+        f"out_dir={out}", f"data.path={args.data}", f"data.size=[{h},{w}]", f"train.epochs={args.epochs}",
+        f"model.encoder_weights={encoder or ''}", f"train.progress={str(not args.quiet).lower()}",
+        "train.ckpt_every_steps=50"])
+    if not done:
         result["train_minutes"] = (time.perf_counter() - started) / 60
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    return json.loads((out / "eval.json").read_text())
+    return result
 
 
 def main() -> None:

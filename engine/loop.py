@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,10 @@ from engine.checkpoint import (
     save_rotating,
     set_rng_state,
 )
+from engine.device import describe_devices, select_device, set_determinism
 from engine.metrics_log import MetricsLog, plot_loss_curve, progress_bar
+from twinview import provenance
+from twinview.config import to_dict
 from twinview.errors import TwinviewError, display_path
 from twinview.run_folder import RunFolder
 
@@ -70,6 +74,43 @@ class LoopSettings:
     keep_last: int = 2
     log_every: int = 10
     progress: bool = True
+
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: torch.device, amp_dtype: torch.dtype | None) -> LoopSettings:
+        """From a task config with ``optim.grad_clip`` and the ``train`` bookkeeping keys."""
+        t = cfg.train
+        return cls(device, amp_dtype, cfg.optim.grad_clip, t.ckpt_every_steps, t.keep_last, t.log_every_steps,
+                   t.progress)
+
+
+@dataclass
+class Session:
+    """A run being worked on by this process."""
+
+    run: RunFolder
+    device: torch.device
+    is_main: bool  # rank 0: the one process that writes
+
+
+@contextlib.contextmanager
+def session(cfg: Any, final: str, resume: str | os.PathLike[str] | None) -> Iterator[Session]:
+    """Open ``cfg.out_dir`` as a new run (or ``resume`` the run there, checked against ``cfg``), choose
+    the device, lock the folder, seed, and record ``config.yaml`` and the provenance; the process
+    group (under torchrun) is left at the end. ``final`` names the file a finished run has."""
+    dist_utils.setup_from_env()
+    is_main = dist_utils.rank() == 0
+    config = to_dict(cfg)
+    run = RunFolder.open(resume if resume is not None else cfg.out_dir, final, config,
+                         resume=resume is not None)
+    device = select_device(cfg.train.device)
+    with run.lock() if is_main else contextlib.nullcontext():
+        set_determinism(cfg.train.seed, cfg.train.deterministic)
+        if is_main:
+            run.save_config(config)
+            run.record(provenance.collect(devices=describe_devices()))
+        yield Session(run, device, is_main)
+    dist_utils.cleanup()
 
 
 @dataclass

@@ -8,7 +8,6 @@ A method is an ``nn.Module`` whose ``forward(views)`` returns the loss and whose
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engine import distributed as dist_utils
 from engine.checkpoint import atomic_save
-from engine.device import describe_devices, select_amp, select_device, set_determinism
-from engine.loop import LoopSettings, NonFiniteLossError, Parts, Task, train
+from engine.device import select_amp
+from engine.loop import LoopSettings, NonFiniteLossError, Parts, Task, session, train
 from engine.sampling import ResumableSampler
 from engine.schedule import warmup_cosine
 from pretrain.card import encoder_card
@@ -31,10 +29,8 @@ from pretrain.encoders import build_encoder
 from pretrain.methods import build_method
 from pretrain.optim import build_optimizer
 from pretrain.views import build_views
-from twinview import provenance
 from twinview.config import to_dict
 from twinview.errors import DataError
-from twinview.run_folder import RunFolder
 
 __all__ = ["NonFiniteLossError", "PretrainTask", "RunResult", "build_model", "run_pretraining"]
 
@@ -118,34 +114,20 @@ class PretrainTask(Task):
 
 def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResult:
     """Train (or resume) a run; returns where it wrote its results."""
-    dist_utils.setup_from_env()
-    is_main = dist_utils.rank() == 0
-    t = cfg.train
-    config = to_dict(cfg)
-    run = RunFolder.open(resume if resume is not None else cfg.out_dir, "encoder.pt", config,
-                         resume=resume is not None)
-    device = select_device(t.device)
-    with run.lock() if is_main else contextlib.nullcontext():
-        set_determinism(t.seed, t.deterministic)
+    with session(cfg, "encoder.pt", resume) as s:
         task = PretrainTask(cfg, None)
-        task.amp_dtype = amp_dtype = select_amp(t.amp, device, task.spatial_dims)
-        if is_main:
-            run.save_config(config)
-            run.record(provenance.collect(devices=describe_devices()))
-        settings = LoopSettings(device, amp_dtype, cfg.optim.grad_clip, t.ckpt_every_steps, t.keep_last,
-                                t.log_every_steps, t.progress)
-        result = train(task, run, settings, config)
+        task.amp_dtype = amp_dtype = select_amp(cfg.train.amp, s.device, task.spatial_dims)
+        result = train(task, s.run, LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
+        encoder_path = s.run.path / "encoder.pt"
         monitor: dict[str, float] = {}
-        encoder_path = run.path / "encoder.pt"
-        if is_main and task.method is not None:
+        if s.is_main and task.method is not None:
             meta = _encoder_meta(cfg, task.spatial_dims)
             atomic_save({"encoder": task.method.encoder.state_dict(), "encoder_config": meta}, encoder_path)
             encoder_card(meta, task.method.encoder.feat_dim, encoder_path)
-            monitor = _monitor(cfg, task.method.encoder, device, amp_dtype, plot_dir=run.path)
-        elif (run.path / "monitor.json").exists():
-            monitor = json.loads((run.path / "monitor.json").read_text())
-    dist_utils.cleanup()
-    return RunResult(run.path, result.steps, result.final_loss, encoder_path, monitor)
+            monitor = _monitor(cfg, task.method.encoder, s.device, amp_dtype, plot_dir=s.run.path)
+        elif (s.run.path / "monitor.json").exists():
+            monitor = json.loads((s.run.path / "monitor.json").read_text())
+    return RunResult(s.run.path, result.steps, result.final_loss, encoder_path, monitor)
 
 
 def _encoder_meta(cfg: PretrainConfig, spatial_dims: int) -> dict[str, Any]:

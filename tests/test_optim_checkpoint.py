@@ -21,8 +21,9 @@ from engine.checkpoint import (
     save_rotating,
     set_rng_state,
 )
+from engine.schedule import warmup_cosine
 from pretrain.config import OptimConfig
-from pretrain.optim import LARS, build_optimizer, param_groups, warmup_cosine
+from pretrain.optim import LARS, build_optimizer, param_groups
 
 
 def test_lars_scales_matrices_by_the_trust_ratio_and_leaves_vectors_alone() -> None:

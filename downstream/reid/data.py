@@ -17,7 +17,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 
-from pretrain.datasets import sample_seed
+from engine.sampling import sample_seed
 from pretrain.views import ViewPipeline, build_views, eval_transform
 from twinview.data.records import PersonRecord
 

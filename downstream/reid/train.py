@@ -10,7 +10,6 @@ query/gallery split; the run folder holds ``config.yaml``, ``model.pt`` (weights
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +25,12 @@ from downstream.reid.data import PersonDataset, camera_counts, train_pipeline
 from downstream.reid.losses import batch_hard_triplet_loss, id_loss
 from downstream.reid.model import ReIDModel
 from downstream.reid.sampler import PKSampler
-from engine import distributed as dist_utils
 from engine.checkpoint import atomic_save, load_checkpoint
-from engine.device import describe_devices, select_amp, select_device, set_determinism
-from engine.loop import LoopSettings, Parts, Task, finished_result, train
+from engine.device import select_amp
+from engine.loop import LoopSettings, Parts, Task, finished_result, session, train
 from pretrain.encoders import load_encoder_file
 from pretrain.views import preset_metadata
-from twinview import provenance
 from twinview.config import to_dict
-from twinview.run_folder import RunFolder
 
 
 @dataclass
@@ -131,44 +127,32 @@ def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
     """Train (or resume) a re-ID run, then evaluate it on the query/gallery split."""
     from twinview.data.market1501 import read_market1501, relabel
 
-    dist_utils.setup_from_env()
-    is_main = dist_utils.rank() == 0
-    t = cfg.train
-    config = to_dict(cfg)
-    run = RunFolder.open(resume if resume is not None else cfg.out_dir, "model.pt", config,
-                         resume=resume is not None)
     market = read_market1501(Path(cfg.data.path))
     labels = relabel(market.train)
-    device = select_device(t.device)
-    with run.lock() if is_main else contextlib.nullcontext():
-        set_determinism(t.seed, t.deterministic)
-        amp_dtype = select_amp(t.amp, device, 2)
-        if is_main:
-            run.save_config(config)
-            run.record(provenance.collect(devices=describe_devices()))
+    with session(cfg, "model.pt", resume) as s:
+        amp_dtype = select_amp(cfg.train.amp, s.device, 2)
         model = ReIDModel(len(labels), cfg.model.encoder, cfg.model.last_stride, cfg.model.pooling)
         meta = model_metadata(cfg, len(labels), "reid")
         if cfg.model.encoder_weights:
             meta["pretraining_method"] = load_pretrained_backbone(model, cfg.model.encoder_weights,
                                                                   cfg.model.encoder).get("method")
-        model = model.to(device).to(memory_format=torch.channels_last)
-        settings = LoopSettings(device, amp_dtype, cfg.optim.grad_clip, t.ckpt_every_steps, t.keep_last,
-                                t.log_every_steps, t.progress)
-        if run.finished:
-            model.load_state_dict(load_checkpoint(run.path / "model.pt", map_location=device)["model"])
-            result = finished_result(run)
+        model = model.to(s.device).to(memory_format=torch.channels_last)
+        model_path = s.run.path / "model.pt"
+        if s.run.finished:
+            model.load_state_dict(load_checkpoint(model_path, map_location=s.device)["model"])
+            result = finished_result(s.run)
         else:
-            result = train(ReIDTrainTask(cfg, market.train, labels, model), run, settings, config)
-            if is_main:
-                atomic_save({"model": model.state_dict(), "model_config": meta}, run.path / "model.pt")
-                reid_card(meta, model.feat_dim, run.path / "model.pt")
+            result = train(ReIDTrainTask(cfg, market.train, labels, model), s.run,
+                           LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
+            if s.is_main:
+                atomic_save({"model": model.state_dict(), "model_config": meta}, model_path)
+                reid_card(meta, model.feat_dim, model_path)
         metrics: dict[str, float] = {}
         report = ""
-        if is_main:
+        if s.is_main:
             from downstream.reid.evaluate import evaluate_market
 
-            metrics = evaluate_market(model, meta, cfg.data.path, cfg.eval, run.path, device,
-                                      progress=t.progress)
-            report = (run.path / "eval.md").read_text()
-    dist_utils.cleanup()
-    return ReIDResult(run.path, result.steps, result.final_loss, run.path / "model.pt", metrics, report)
+            metrics = evaluate_market(model, meta, cfg.data.path, cfg.eval, s.run.path, s.device,
+                                      progress=cfg.train.progress)
+            report = (s.run.path / "eval.md").read_text()
+    return ReIDResult(s.run.path, result.steps, result.final_loss, model_path, metrics, report)

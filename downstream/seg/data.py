@@ -24,7 +24,7 @@ from monai.data import MetaTensor, get_track_meta, set_track_meta
 from torch.utils.data import Dataset
 
 from downstream.seg.config import SegDataConfig
-from pretrain.datasets import sample_seed
+from engine.sampling import sample_seed
 from twinview.config import ConfigError
 from twinview.errors import DataError
 

@@ -35,7 +35,7 @@ from downstream.seg.evaluate import (
     save_overlay,
 )
 from downstream.seg.inference import predict_logits
-from pretrain.trainer import select_device
+from engine.device import select_device
 from twinview.errors import DataError, display_path
 
 

@@ -10,7 +10,6 @@ and the plain metadata needed to rebuild the network), ``model.json`` (its model
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +40,12 @@ from downstream.seg.model import (
     param_groups,
     set_encoder_frozen,
 )
-from engine import distributed as dist_utils
 from engine.checkpoint import atomic_save, load_checkpoint
-from engine.device import describe_devices, select_amp, select_device, set_determinism
-from engine.loop import LoopSettings, Parts, Task, finished_result, train
+from engine.device import select_amp
+from engine.loop import LoopSettings, Parts, Task, finished_result, session, train
 from engine.sampling import ResumableSampler
 from engine.schedule import warmup_cosine
-from twinview import provenance
 from twinview.config import ConfigError, to_dict
-from twinview.run_folder import RunFolder
 
 
 @dataclass
@@ -158,52 +154,41 @@ class SegTrainTask(Task):
 
 def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
     """Train (or resume) a segmentation run, then evaluate it on its test cases."""
-    dist_utils.setup_from_env()
-    is_main = dist_utils.rank() == 0
     t, d = cfg.train, cfg.data
-    config = to_dict(cfg)
-    run = RunFolder.open(resume if resume is not None else cfg.out_dir, "model.pt", config,
-                         resume=resume is not None)
     task = read_task(d)
     check_config(cfg, task)
-    device = select_device(t.device)
-    with run.lock() if is_main else contextlib.nullcontext():
-        set_determinism(t.seed, t.deterministic)
-        amp_dtype = select_amp(t.amp, device, d.spatial_dims)
-        if is_main:
-            run.save_config(config)
-            run.record(provenance.collect(devices=describe_devices()))
-        split = load_split(run.path, cfg, task)
+    with session(cfg, "model.pt", resume) as s:
+        amp_dtype = select_amp(t.amp, s.device, d.spatial_dims)
+        split = load_split(s.run.path, cfg, task)
         meta = model_metadata(cfg, task)
         model = build_seg_model(cfg.model, d.spatial_dims, task.in_channels, meta["out_channels"])
         if cfg.model.encoder_weights:
             meta["pretraining_method"] = load_pretrained_encoder(model, cfg.model, d.spatial_dims,
                                                                  task.in_channels).get("method")
-        model = model.to(device)
-        settings = LoopSettings(device, amp_dtype, cfg.optim.grad_clip, t.ckpt_every_steps, t.keep_last,
-                                t.log_every_steps, t.progress)
-        if run.finished:  # training finished earlier; only the evaluation may be left
-            model.load_state_dict(load_checkpoint(run.path / "model.pt", map_location=device)["model"])
-            result = finished_result(run)
+        model = model.to(s.device)
+        model_path = s.run.path / "model.pt"
+        if s.run.finished:  # training finished earlier; only the evaluation may be left
+            model.load_state_dict(load_checkpoint(model_path, map_location=s.device)["model"])
+            result = finished_result(s.run)
         else:
-            result = train(SegTrainTask(cfg, task, split, model, amp_dtype), run, settings, config)
+            result = train(SegTrainTask(cfg, task, split, model, amp_dtype), s.run,
+                           LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
             set_encoder_frozen(model, False)
-            if is_main:
-                atomic_save({"model": model.state_dict(), "model_config": meta}, run.path / "model.pt")
-                seg_card(meta, run.path / "model.pt")
+            if s.is_main:
+                atomic_save({"model": model.state_dict(), "model_config": meta}, model_path)
+                seg_card(meta, model_path)
         summary: dict[str, float] = {}
         table = ""
-        if split["test"] and is_main:
+        if split["test"] and s.is_main:
             from downstream.seg.evaluate import evaluate_cases, metrics_table
 
-            _, summary = evaluate_cases(model, meta, task, d, split["test"], run.path, device, t, amp_dtype,
-                                        progress=t.progress)
+            _, summary = evaluate_cases(model, meta, task, d, split["test"], s.run.path, s.device, t,
+                                        amp_dtype, progress=t.progress)
             table = metrics_table(summary, task.labels)
-            (run.path / "summary.json").write_text(json.dumps(
+            (s.run.path / "summary.json").write_text(json.dumps(
                 {"test": summary, "train_cases": len(split["train"]), "label_fraction": d.label_fraction,
                  "steps": result.steps, "best": result.best}, indent=2) + "\n")
-    dist_utils.cleanup()
-    return SegResult(run.path, result.steps, result.final_loss, run.path / "model.pt", summary, table)
+    return SegResult(s.run.path, result.steps, result.final_loss, model_path, summary, table)
 
 
 def _train_items(cfg: SegConfig, task: SegTask, ids: list[str]) -> list[dict[str, Any]]:
