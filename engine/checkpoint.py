@@ -26,6 +26,10 @@ from twinview.errors import DataError
 _CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
+class CheckpointError(DataError, RuntimeError):
+    """A checkpoint (or model, encoder) file that cannot be written or read back: names the file."""
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` so that readers see the old file or the whole new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,8 +45,8 @@ def atomic_save(obj: Any, path: Path) -> None:
         if not isinstance(err, Exception):  # Ctrl-C and exits pass through as they are
             raise
         free_mb = shutil.disk_usage(path.parent).free / 2**20
-        raise RuntimeError(f"{path}: checkpoint not written ({err}); {free_mb:.0f} MB free on its disk; "
-                           "the files already there are unchanged") from err
+        raise CheckpointError(path, f"not written ({err}); {free_mb:.0f} MB free on its disk; the files "
+                                    "already there are unchanged") from err
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -69,10 +73,6 @@ def save_rotating(obj: Any, run_dir: Path, step: int, keep_last: int) -> Path:
     for old in list_checkpoints(run_dir)[:-max(keep_last, 1)]:
         old.unlink(missing_ok=True)
     return path
-
-
-class CheckpointError(DataError, RuntimeError):
-    """A checkpoint (or model, encoder) file that cannot be read back: names the file, one line."""
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

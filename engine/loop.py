@@ -132,6 +132,7 @@ class Task:
     extra_fields: tuple[str, ...] = ()  # more metrics.csv columns (what ``validate`` returns)
     best_metric: str | None = None  # keep best.pt by this ``validate`` value (higher is better)
     find_unused_parameters = False  # DDP: parameters may sit out a step (a frozen encoder)
+    model_config: dict[str, Any] | None = None  # stored with best.pt, so it loads like the final model
 
     def build(self, device: torch.device, rank: int, world: int) -> Parts:
         raise NotImplementedError
@@ -280,7 +281,8 @@ def train(task: Task, run: RunFolder, settings: LoopSettings, config: dict[str, 
                                 **{k: f"{v:.3f}" for k, v in extra.items()})
                 if task.best_metric in extra and (best is None or extra[task.best_metric] > best["value"]):
                     best = {"metric": task.best_metric, "value": extra[task.best_metric], "step": step}
-                    atomic_save({"model": method.state_dict(), "best": best}, best_path)
+                    meta = {"model_config": task.model_config} if task.model_config is not None else {}
+                    atomic_save({"model": method.state_dict(), "best": best, **meta}, best_path)
                 if step % s.log_every == 0 or step == parts.total_steps or extra:
                     log.log({"step": step, "epoch": epoch, "loss": loss_value,
                              "lr": optimizer.param_groups[0]["lr"], "images_per_s": ips,

@@ -38,6 +38,8 @@ from monai.networks.nets.resnet import ResNet, ResNetEncoder, get_inplanes, resn
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from twinview.errors import TwinviewError
+
 _TORCHVISION_ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -160,7 +162,7 @@ def flexible_unet_backbone(name: str, spatial_dims: int) -> str:
     return f"tv-{name}" if spatial_dims == 2 else name
 
 
-class EncoderWeightsError(ValueError):
+class EncoderWeightsError(TwinviewError, ValueError):
     """Encoder weights do not fit the target module."""
 
 
@@ -206,8 +208,8 @@ def load_encoder_weights(target: nn.Module, state: Mapping[str, Tensor], strict:
         ]
         raise EncoderWeightsError(
             f"encoder weights do not fit {type(target).__name__}; pass the backbone module itself "
-            "(e.g. `.encoder` or `.body`) built with the same architecture, stem and in_channels.\n"
-            + "\n".join(problems)
+            "(e.g. `.encoder` or `.body`) built with the same architecture, stem and in_channels: "
+            + "; ".join(problems)
         )
     target.load_state_dict(loaded, strict=False)
     return untouched

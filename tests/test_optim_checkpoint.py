@@ -99,7 +99,7 @@ def test_a_full_disk_is_an_error_naming_the_file_and_free_space(tmp_path: Path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(RuntimeError, match=r"ckpt-00000002\.pt: checkpoint not written .*No space.* MB free"):
+    with pytest.raises(RuntimeError, match=r"ckpt-00000002\.pt: not written .*No space.* MB free"):
         save_rotating({"step": 2}, tmp_path, 2, keep_last=1)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000001.pt"]

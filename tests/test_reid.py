@@ -59,6 +59,11 @@ def test_train_eval_index_query_end_to_end(tmp_path: Path, synth_market: Path,
         assert (run / name).stat().st_size > 0, name
     payload = torch.load(run / "model.pt", weights_only=True)
     assert payload["model_config"]["num_classes"] == 16 and payload["model_config"]["size"] == [32, 16]
+    from twinview.model_card import check_weights, read_card
+
+    card = read_card(run / "model.json")
+    check_weights(card, run)
+    assert card["task"] == "reid" and card["input_size"] == [32, 16] and card["embedding_size"] == 512
 
     # evaluation of the trained run, with re-ranking, by the CLI
     assert main(["reid", "eval", "--model", str(run), "--data", str(synth_market), "--out",

@@ -280,6 +280,16 @@ def test_train_predict_eval_2d_end_to_end(tmp_path: Path, synth_msd: Path,
     assert sorted(p.name for p in (run / "overlays").iterdir()) == sorted(f"{c}.png" for c in split["test"])
     payload = torch.load(run / "model.pt", weights_only=True)
     assert payload["model_config"]["preprocessing"]["intensity"] == {"kind": "zscore_nonzero"}
+    from downstream.seg.evaluate import load_model
+    from twinview.model_card import check_weights, read_card
+
+    card = read_card(run / "model.json")
+    check_weights(card, run)
+    assert card["task"] == "segmentation" and card["labels"]["1"].lower() == "anterior"
+    assert card["patch_size"] == [64, 64] and card["preprocessing"]["slice_axis"] == 2
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["best"]["metric"] == "val_dice" and best["best"]["step"] in (3, 6)
+    assert load_model(run / "best.pt")[1] == payload["model_config"]  # best.pt loads like model.pt
 
     # predict on the unlabelled test images: masks with the input's affine and shape, plus volumes
     pred_dir = tmp_path / "pred"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -55,6 +56,16 @@ def test_a_run_writes_checkpoints_logs_plots_and_encoder(synth_market: Path, tmp
     encoder.load_state_dict(saved["encoder"])
     assert saved["encoder_config"]["size"] == [16, 8]
     assert 0.0 <= result.monitor["rank1"] <= 1.0 and (run / "embedding_map.png").exists()
+    from twinview.model_card import check_weights, read_card
+
+    card = read_card(run / "model.json")
+    check_weights(card, run)
+    assert card["task"] == "pretraining" and card["pretraining_method"] == "simclr"
+    assert card["input_size"] == [16, 8] and card["embedding_size"] == 512
+    assert card["preprocessing"]["intensity"]["kind"] == "mean_std"
+    sessions = json.loads((run / "provenance.json").read_text())["sessions"]
+    assert len(sessions) == 1 and sessions[0]["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert not (run / "run.lock").exists()
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol", "simsiam"])

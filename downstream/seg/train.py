@@ -171,8 +171,9 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
             model.load_state_dict(load_checkpoint(model_path, map_location=s.device)["model"])
             result = finished_result(s.run)
         else:
-            result = train(SegTrainTask(cfg, task, split, model, amp_dtype), s.run,
-                           LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
+            seg_task = SegTrainTask(cfg, task, split, model, amp_dtype)
+            seg_task.model_config = meta
+            result = train(seg_task, s.run, LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
             set_encoder_frozen(model, False)
             if s.is_main:
                 atomic_save({"model": model.state_dict(), "model_config": meta}, model_path)
