@@ -18,9 +18,10 @@ from torch.utils.data import Dataset
 from engine.sampling import sample_seed
 from pretrain.config import DataConfig
 from pretrain.views import TwoViews
-from twinview.errors import DataError
 
 Loader = Callable[[], np.ndarray]
+PRETRAIN_KINDS = {"market1501": "market1501", "msd": "msd_slices", "images": "images", "dsb2018": "dsb2018"}
+"""The data kind that ``auto`` reads for each layout :func:`twinview.data.inspect.detect_format` finds."""
 
 
 @dataclass
@@ -66,16 +67,10 @@ def _volume_samples(root: Path, slices: bool, axis: int, exclude: Sequence[str] 
 
 
 def resolve_kind(cfg: DataConfig) -> str:
-    """The data kind to read: ``cfg.kind`` or, for ``auto``, what ``detect_format`` finds."""
-    if cfg.kind != "auto":
-        return cfg.kind
-    from twinview.data.inspect import detect_format
+    """The data kind to read: ``cfg.kind`` or, for ``auto``, what the data's layout is."""
+    from twinview.data.inspect import resolve_layout
 
-    fmt = detect_format(Path(cfg.path))
-    mapping = {"market1501": "market1501", "msd": "msd_slices", "images": "images", "dsb2018": "dsb2018"}
-    if fmt not in mapping:
-        raise DataError(cfg.path, f"layout {fmt!r} cannot be used for pretraining; set data.kind")
-    return mapping[fmt]
+    return resolve_layout(Path(cfg.path), cfg.kind, PRETRAIN_KINDS, "pretraining; set data.kind")
 
 
 def load_samples(cfg: DataConfig) -> Samples:

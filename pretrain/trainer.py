@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from engine.checkpoint import atomic_save
 from engine.device import select_amp
 from engine.loop import LoopSettings, NonFiniteLossError, Parts, Task, session, train
+from engine.optim import warmup_cosine
 from engine.sampling import ResumableSampler
-from engine.schedule import warmup_cosine
 from pretrain.card import encoder_card
 from pretrain.config import PretrainConfig
 from pretrain.datasets import TwoViewDataset, collate_views, load_samples

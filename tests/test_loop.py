@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.device import set_determinism
 from engine.loop import BEST_FILE, LoopSettings, NonFiniteLossError, Parts, Task, finished_result, train
+from engine.optim import warmup_cosine
 from engine.sampling import ResumableSampler
-from engine.schedule import warmup_cosine
 from twinview.run_folder import RunFolder
 
 

@@ -21,9 +21,9 @@ from engine.checkpoint import (
     save_rotating,
     set_rng_state,
 )
-from engine.schedule import warmup_cosine
+from engine.optim import param_groups, warmup_cosine
 from pretrain.config import OptimConfig
-from pretrain.optim import LARS, build_optimizer, param_groups
+from pretrain.optim import LARS, build_optimizer
 
 
 def test_lars_scales_matrices_by_the_trust_ratio_and_leaves_vectors_alone() -> None:
@@ -47,9 +47,12 @@ def test_lars_weight_decay_enters_the_trust_ratio() -> None:
 
 def test_biases_and_norms_get_no_weight_decay() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = param_groups(model, 0.5, 0.1)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+    groups = param_groups(model, 0.5, 0.1, backbone=model[0], backbone_lr_mult=0.1)
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [
+        (2, 0.5, 0.0), (1, pytest.approx(0.05), 0.1), (1, pytest.approx(0.05), 0.0)]  # head, backbone
     for name in ("sgd", "lars", "adamw"):
         opt = build_optimizer(model, OptimConfig(name=name), lr=0.5)
         assert [g["weight_decay"] for g in opt.param_groups] == [OptimConfig().weight_decay, 0.0]

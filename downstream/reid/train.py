@@ -28,6 +28,7 @@ from downstream.reid.sampler import PKSampler
 from engine.checkpoint import atomic_save, load_checkpoint
 from engine.device import select_amp
 from engine.loop import LoopSettings, Parts, Task, finished_result, session, train
+from engine.optim import param_groups
 from pretrain.encoders import load_encoder_file
 from pretrain.views import preset_metadata
 from twinview.config import to_dict
@@ -71,18 +72,6 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: ReIDConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def param_groups(model: ReIDModel, cfg: ReIDConfig) -> list[dict]:
-    """Backbone and head learning rates; no weight decay on norms, biases and GeM's p."""
-    backbone = {id(p) for p in model.backbone.parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups.setdefault((id(p) in backbone, p.ndim <= 1), []).append(p)
-    return [{"params": ps, "lr": cfg.optim.lr * (cfg.optim.backbone_lr_mult if in_backbone else 1.0),
-             "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay}
-            for (in_backbone, no_decay), ps in sorted(groups.items())]
-
-
 class ReIDTrainTask(Task):
     """P x K batches of identity-labelled crops -> label-smoothed ID loss + batch-hard triplet loss."""
 
@@ -103,7 +92,9 @@ class ReIDTrainTask(Task):
         loader = DataLoader(self.dataset, batch_size=batch, sampler=self.sampler, drop_last=True,
                             pin_memory=device.type == "cuda")
         steps_per_epoch = self.sampler.batches_per_epoch
-        optimizer = torch.optim.Adam(param_groups(self.model, cfg))
+        o = cfg.optim
+        optimizer = torch.optim.Adam(param_groups(self.model, o.lr, o.weight_decay, self.model.backbone,
+                                                  o.backbone_lr_mult))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                       lambda s: lr_factor(s, steps_per_epoch, cfg))
         self.device = device

@@ -63,21 +63,13 @@ class SegTask:
         raise KeyError(case_id)
 
 
-def resolve_kind(path: Path, kind: str) -> str:
-    if kind != "auto":
-        return kind
-    from twinview.data.inspect import detect_format
-
-    fmt = detect_format(path)
-    if fmt not in ("msd", "dsb2018"):
-        raise DataError(path, f"layout {fmt!r} has no labels twinview trains on; use an MSD task or DSB2018")
-    return fmt
-
-
 def read_task(cfg: SegDataConfig) -> SegTask:
     """The labelled cases that a data config names (headers only; volumes are read later)."""
     root = Path(cfg.path)
-    kind = resolve_kind(root, cfg.kind)
+    from twinview.data.inspect import resolve_layout
+
+    kind = resolve_layout(root, cfg.kind, {"msd": "msd", "dsb2018": "dsb2018"},
+                          "segmentation, which needs labels (an MSD task or DSB2018)")
     if kind == "msd":
         from twinview.data.msd import read_msd
 

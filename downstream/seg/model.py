@@ -72,18 +72,6 @@ def load_pretrained_encoder(model: nn.Module, cfg: SegModelConfig, spatial_dims:
     return load_encoder_file(cfg.encoder_weights, target, expected)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, encoder_lr_mult: float) -> list[dict]:
-    """AdamW groups: encoder and decoder learning rates; no weight decay on norms and biases."""
-    encoder = encoder_of(model)
-    enc_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
-        groups.setdefault((id(p) in enc_ids, p.ndim <= 1), []).append(p)
-    return [{"params": ps, "lr": lr * (encoder_lr_mult if is_enc else 1.0),
-             "weight_decay": 0.0 if no_decay else weight_decay, "is_encoder": is_enc}
-            for (is_enc, no_decay), ps in sorted(groups.items())]
-
-
 def set_encoder_frozen(model: nn.Module, frozen: bool) -> None:
     """Freeze (no gradients, BN statistics fixed) or release the encoder."""
     encoder = encoder_of(model)

@@ -36,15 +36,15 @@ from downstream.seg.data import (
 from downstream.seg.model import (
     build_seg_model,
     divisor,
+    encoder_of,
     load_pretrained_encoder,
-    param_groups,
     set_encoder_frozen,
 )
 from engine.checkpoint import atomic_save, load_checkpoint
 from engine.device import select_amp
 from engine.loop import LoopSettings, Parts, Task, finished_result, session, train
+from engine.optim import param_groups, warmup_cosine
 from engine.sampling import ResumableSampler
-from engine.schedule import warmup_cosine
 from twinview.config import ConfigError, to_dict
 
 
@@ -124,7 +124,7 @@ class SegTrainTask(Task):
         self.memory_format = torch.channels_last if d.spatial_dims == 2 else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay,
-                                                   cfg.model.encoder_lr_mult))
+                                                   encoder_of(self.model), cfg.model.encoder_lr_mult))
         # As nnU-Net: Dice over the whole batch ("batch Dice") and over the foreground classes only.
         # Per-sample Dice rewards predicting nothing on the many slices without the structure, and the
         # background term lets a short run settle on all-background; both made 100-step runs collapse to

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,6 +71,17 @@ def detect_format(path: PathLike) -> str:
     raise DataError(
         path, "unknown layout: not MSD, Market-1501 or DSB2018, and no NIfTI, DICOM or image files"
     )
+
+
+def resolve_layout(path: PathLike, kind: str, kinds: Mapping[str, str], purpose: str) -> str:
+    """``kind`` as given or, for ``auto``, the entry of ``kinds`` for the layout :func:`detect_format`
+    finds; a layout not in ``kinds`` is a DataError saying it cannot serve ``purpose``."""
+    if kind != "auto":
+        return kind
+    fmt = detect_format(path)
+    if fmt not in kinds:
+        raise DataError(path, f"layout {fmt!r} cannot be used for {purpose}")
+    return kinds[fmt]
 
 
 def _file_format(path: Path) -> str:
