@@ -165,23 +165,38 @@ def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path, synth_market: Pa
     assert "no CUDA device" in err and not (tmp_path / "run").exists()
 
 
-def fake_seg_run(path: Path, fraction: float) -> None:
+def fake_seg_run(path: Path, fraction: float, data: Path) -> None:
     from downstream.seg.config import SegConfig
     from twinview.config import load_config, save_config
 
     path.mkdir()
     save_config(load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml",
-                            [f"out_dir={path}", f"data.label_fraction={fraction}"]), path / "config.yaml")
+                            [f"out_dir={path}", f"data.label_fraction={fraction}", f"data.path={data}",
+                             "data.test_cases=2", "data.val_cases=1"]), path / "config.yaml")
     (path / "ckpt-00000010.pt").write_bytes(b"not read: the settings are compared first")
 
 
 def test_resume_refuses_a_changed_label_fraction_and_an_existing_run_is_not_overwritten(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, synth_msd: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    fake_seg_run(run, 0.1)
+    fake_seg_run(run, 0.1, synth_msd)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     err = one_line_error(capsys, ["seg", "train", "--resume", str(run), "--label-fraction", "0.5"])
     assert "data.label_fraction: 0.1 -> 0.5" in err
     err = one_line_error(capsys, ["seg", "train", "--config", str(run / "config.yaml")])
     assert "already holds a run" in err and f"--resume {run}" in err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_run_another_process_writes_to_is_refused(tmp_path: Path, synth_msd: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from twinview.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    fake_seg_run(run, 0.1, synth_msd)
+    with RunFolder(run, "model.pt").lock():  # a run in progress holds the folder
+        err = one_line_error(capsys, ["seg", "train", "--resume", str(run)])
+    assert f"another twinview process (pid {os.getpid()}" in err
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt-00000010.pt", "config.yaml"]
