@@ -63,14 +63,14 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path, title: str = "loss") -> Pa
     ax.plot(steps, losses, lw=1.2, label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    val_keys = [k for k in (rows[0] if rows else {}) if k.startswith("val_")]
-    if val_keys:
+    val = {k: [(s, float(r[k])) for s, r in zip(steps, rows, strict=True) if r[k] not in ("", "nan")]
+           for k in (rows[0] if rows else {}) if k.startswith("val_")}
+    val = {k: pts for k, pts in val.items() if pts}
+    if val:  # validation values on a second axis
         twin = ax.twinx()
-        for key in val_keys:
-            pts = [(s, float(r[key])) for s, r in zip(steps, rows, strict=True) if r[key] not in ("", "nan")]
-            if pts:
-                twin.plot(*zip(*pts, strict=True), marker="o", lw=1, color="tab:orange", label=key)
-        twin.set_ylabel(", ".join(val_keys))
+        for key, pts in val.items():
+            twin.plot(*zip(*pts, strict=True), marker="o", lw=1, color="tab:orange", label=key)
+        twin.set_ylabel(", ".join(val))
         twin.legend(loc="upper right", fontsize="small")
     ax.set_title(f"{title} ({metrics_csv.parent.name})")
     ax.grid(alpha=0.3)
