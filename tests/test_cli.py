@@ -16,7 +16,7 @@ from twinview_cli.main import main
 
 SUBCOMMANDS = (["data"], ["data", "inspect"], ["data", "synth"], ["pretrain"], ["views"], ["demo"],
                ["seg"], ["seg", "train"], ["seg", "predict"], ["seg", "eval"], ["reid"], ["reid", "train"],
-               ["reid", "eval"], ["reid", "index"], ["reid", "query"])
+               ["reid", "eval"], ["reid", "index"], ["reid", "query"], ["export"])
 
 
 def test_help_lists_every_subcommand() -> None:

@@ -27,6 +27,7 @@ from twinview import __version__
 from twinview.errors import DataError, display_path
 
 CARD_FILE = "model.json"
+ONNX_CARD_KEY = "twinview_model_card"  # the card inside an exported file's ONNX metadata_props
 SCHEMA_ID = "twinview-model-card/1"
 
 _EMBEDDING_SIZE = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
@@ -396,3 +397,26 @@ def _legacy_reid(m: Mapping[str, Any]) -> dict[str, Any]:
             "embedding_size": _embedding_size(m["encoder"]), "pretraining_method": None,
             # old re-ID runs trained on Market-1501 only (downstream.reid.train.run_reid)
             "data": m.get("data") or {"name": "Market-1501", "kind": "market1501", "modality": "photo"}}
+
+
+def read_onnx_card(path: Path) -> dict[str, Any]:
+    """The model card embedded in an ONNX file written by ``twinview export`` (read with onnxruntime, no
+    torch); a file that is no ONNX model or carries no valid card is a DataError naming it."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such ONNX file")
+    try:
+        meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    except Exception as e:  # onnxruntime raises its own exception types for every kind of broken file
+        raise DataError(path, f"not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+    text = meta.custom_metadata_map.get(ONNX_CARD_KEY)
+    if text is None:
+        raise DataError(path, "carries no twinview model card: export it with `twinview export`")
+    try:
+        card = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except ValueError as e:
+        raise DataError(path, f"its model card is not valid JSON: {e}") from None
+    validate_card(card, path)
+    return card
