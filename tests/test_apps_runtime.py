@@ -1,0 +1,104 @@
+"""The apps' runtime: numpy + onnxruntime only, held to MONAI's sliding windows and to the torch models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import monai.transforms as mt
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+from PIL import Image
+
+from apps.runtime import OnnxModel, embed, normalise_intensity, segment, sliding_window
+from conftest import REPO
+from downstream.export import export_run
+from engine.checkpoint import atomic_save
+from twinview.errors import DataError
+
+
+@pytest.mark.parametrize(("shape", "window", "overlap"), [((2, 3, 37, 50), (32, 32), 0.25),
+                                                          ((1, 2, 20, 41, 9), (16, 16, 16), 0.5)])
+def test_sliding_windows_match_monai(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> None:
+    torch.manual_seed(0)
+    conv = (torch.nn.Conv2d if len(window) == 2 else torch.nn.Conv3d)(shape[1], 4, 3, padding=1).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        want = sliding_window_inference(x, window, 3, conv, overlap, mode="gaussian").numpy()
+        got = sliding_window(x.numpy(), window, lambda b: conv(torch.from_numpy(b)).numpy(), overlap, 3)
+    assert got.shape == want.shape == (shape[0], 4, *shape[2:])  # padded where smaller, cropped back
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_intensity_steps_match_the_training_transforms() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(50, 300, size=(2, 12, 10)).astype(np.float32)
+    x[:, :3] = 0  # background for the non-zero z-score
+    cases = [({"kind": "ct_window", "window": [-175.0, 250.0]},
+              mt.ScaleIntensityRange(a_min=-175.0, a_max=250.0, b_min=0.0, b_max=1.0, clip=True)),
+             ({"kind": "zscore_nonzero"}, mt.NormalizeIntensity(nonzero=True, channel_wise=True)),
+             ({"kind": "percentile", "percentiles": [1.0, 99.0]},
+              mt.ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True,
+                                                channel_wise=True))]
+    for intensity, transform in cases:
+        want = np.asarray(transform(torch.from_numpy(x)))
+        got = normalise_intensity(x, intensity)
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=intensity["kind"])
+
+
+def test_a_volume_is_segmented_like_predict_logits(tmp_path: Path) -> None:
+    from test_export import SEG_META
+
+    from downstream.seg.card import seg_card
+    from downstream.seg.config import SegModelConfig
+    from downstream.seg.inference import predict_logits
+    from downstream.seg.model import build_seg_model
+
+    torch.manual_seed(0)
+    net = build_seg_model(SegModelConfig(arch="unet", unet_channels=[8, 16, 32]), 2, 1, 3).eval()
+    atomic_save({"model": net.state_dict(), "model_config": SEG_META}, tmp_path / "run" / "model.pt")
+    seg_card(SEG_META, tmp_path / "run" / "model.pt")
+    model = OnnxModel(export_run(tmp_path / "run", tmp_path / "seg.onnx").path)
+    volume = np.random.default_rng(1).normal(size=(1, 30, 41, 7)).astype(np.float32)
+    want = predict_logits(net, torch.from_numpy(volume), 2, [32, 32], 2).numpy()
+    got = segment(model, volume)
+    assert got.shape == want.shape == (3, 30, 41, 7)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(DataError, match="does not embed"):
+        embed(model, [np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(DataError, match="takes 1 channel"):
+        segment(model, np.zeros((2, 30, 41, 7), np.float32))
+
+
+def test_crops_are_embedded_like_the_re_id_evaluation(tmp_path: Path) -> None:
+    from downstream.reid.card import reid_card
+    from downstream.reid.evaluate import extract
+    from downstream.reid.model import ReIDModel
+    from pretrain.views import preset_metadata
+
+    torch.manual_seed(0)
+    net = ReIDModel(4, "resnet18", last_stride=1, pooling="avg").eval()
+    meta = {"encoder": "resnet18", "last_stride": 1, "pooling": "avg", "num_classes": 4, "size": [64, 32],
+            "source": "reid", "encoder_weights": "", "preprocessing": preset_metadata("reid", (64, 32))}
+    atomic_save({"model": net.state_dict(), "model_config": meta}, tmp_path / "run" / "model.pt")
+    reid_card(meta, 512, tmp_path / "run" / "model.pt")
+    model = OnnxModel(export_run(tmp_path / "run", tmp_path / "reid.onnx").path)
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, (h, w) in enumerate([(128, 64), (100, 47), (64, 32)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    want = extract(net, paths, [64, 32], torch.device("cpu"), flip=False)
+    got = embed(model, [np.asarray(Image.open(p)) for p in paths])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0)
+
+
+def test_the_runtime_imports_without_torch() -> None:
+    code = ("import sys; sys.modules['torch'] = None\nimport apps.runtime\n"
+            "print(sorted(m for m, v in sys.modules.items() if v and m.split('.')[0] in ('torch', 'monai')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
