@@ -101,8 +101,10 @@ def session(cfg: Any, final: str, resume: str | os.PathLike[str] | None) -> Iter
     dist_utils.setup_from_env()
     is_main = dist_utils.rank() == 0
     config = to_dict(cfg)
-    run = RunFolder.open(resume if resume is not None else cfg.out_dir, final, config,
-                         resume=resume is not None)
+    path = resume if resume is not None else cfg.out_dir
+    # Only the writing process checks the folder: the others would find what it has just created there.
+    run = (RunFolder.open(path, final, config, resume=resume is not None) if is_main
+           else RunFolder(Path(path), final))
     device = select_device(cfg.train.device)
     with run.lock() if is_main else contextlib.nullcontext():
         set_determinism(cfg.train.seed, cfg.train.deterministic)

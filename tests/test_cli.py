@@ -100,7 +100,8 @@ def test_demo_runs_every_stage_quickly(tmp_path: Path) -> None:
     seg = json.loads((out / "seg_summary.json").read_text())
     assert set(seg) == {"pretrained", "random"}
     assert all(0.0 <= seg[arm]["test"]["dice_mean"] <= 1.0 for arm in seg)
-    assert (out / "seg_pretrained" / "model.pt").exists()
+    assert (out / "seg" / "runs" / "pretrained_f0.5_s0" / "model.pt").exists()
+    assert (out / "seg" / "runs" / "random_f0.5_s0" / "model.json").exists()
     assert (out / "pretrain_seg_simclr" / "encoder.pt").exists()
     reid = json.loads((out / "reid_summary.json").read_text())
     assert all(0.0 < reid[arm]["rank1"] <= 1.0 for arm in ("pretrained", "random"))
