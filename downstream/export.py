@@ -111,10 +111,15 @@ def export_run(run: Path, out: Path, overwrite: bool = False, tolerance: float =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["output"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                                    dynamo=True, verbose=False)
-        program.save(str(tmp), external_data=False)
+        try:
+            program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["output"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                                        dynamo=True, verbose=False)
+            program.save(str(tmp), external_data=False)
+        except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; name the network
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ExportError(f"{display_path(weights)}: this {card['spatial_dims']}D "
+                              f"{card['architecture']['name']} does not export to ONNX ({first})") from err
         proto = onnx.load(str(tmp))
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])

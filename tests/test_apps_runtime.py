@@ -102,3 +102,23 @@ def test_the_runtime_imports_without_torch() -> None:
             "print(sorted(m for m, v in sys.modules.items() if v and m.split('.')[0] in ('torch', 'monai')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+
+def test_a_network_that_does_not_export_is_a_one_line_error(tmp_path: Path) -> None:
+    """MONAI's 3D ResNet pads its shortcuts with zeros shaped by the batch, which the exporter rejects."""
+    from test_export import SEG_META
+
+    from downstream.export import ExportError
+    from downstream.seg.card import seg_card
+    from downstream.seg.config import SegModelConfig
+    from downstream.seg.model import build_seg_model
+
+    net = build_seg_model(SegModelConfig(arch="flexunet"), 3, 1, 3).eval()
+    meta = {**SEG_META, "arch": "flexunet", "unet_channels": [32, 64, 128, 256, 512], "spatial_dims": 3,
+            "roi": [32, 32, 32], "preprocessing": {**SEG_META["preprocessing"], "slice_axis": None}}
+    atomic_save({"model": net.state_dict(), "model_config": meta}, tmp_path / "run" / "model.pt")
+    seg_card(meta, tmp_path / "run" / "model.pt")
+    with pytest.raises(ExportError, match="3D flexunet does not export to ONNX") as err:
+        export_run(tmp_path / "run", tmp_path / "seg3d.onnx")
+    assert "\n" not in str(err.value) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
