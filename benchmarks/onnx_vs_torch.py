@@ -45,24 +45,24 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
 
 
 def reid_run(folder: Path) -> torch.nn.Module:
-    from downstream.reid.card import reid_card
     from downstream.reid.model import ReIDModel
     from engine.checkpoint import atomic_save
     from pretrain.views import preset_metadata
+    from twinview.model_card import write_card_for
 
     model = ReIDModel(100, "resnet18", last_stride=1, pooling="avg").eval()
     meta = {"encoder": "resnet18", "last_stride": 1, "pooling": "avg", "num_classes": 100, "size": [128, 64],
             "source": "reid", "encoder_weights": "", "preprocessing": preset_metadata("reid", (128, 64))}
     atomic_save({"model": model.state_dict(), "model_config": meta}, folder / "model.pt")
-    reid_card(meta, 512, folder / "model.pt")
+    write_card_for(folder / "model.pt", meta, "reid")
     return model
 
 
 def seg_run(folder: Path, dims: int, roi: list[int]) -> torch.nn.Module:
-    from downstream.seg.card import seg_card
     from downstream.seg.config import SegModelConfig
     from downstream.seg.model import build_seg_model
     from engine.checkpoint import atomic_save
+    from twinview.model_card import write_card_for
 
     net = build_seg_model(SegModelConfig(arch="flexunet"), dims, 1, 3).eval()
     meta = {"arch": "flexunet", "encoder": "resnet18", "unet_channels": [32, 64, 128, 256, 512],
@@ -73,7 +73,7 @@ def seg_run(folder: Path, dims: int, roi: list[int]) -> torch.nn.Module:
                               "orientation": "RAS", "spacing": None, "slice_axis": 2 if dims == 2 else None,
                               "channel_policy": "as stored"}}
     atomic_save({"model": net.state_dict(), "model_config": meta}, folder / "model.pt")
-    seg_card(meta, folder / "model.pt")
+    write_card_for(folder / "model.pt", meta, "segmentation")
     return net
 
 

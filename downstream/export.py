@@ -26,7 +26,7 @@ from twinview.errors import OutputError, TwinviewError, display_path, missing_pa
 from twinview.model_card import (
     CARD_FILE,
     ONNX_CARD_KEY,
-    card_from_legacy,
+    card_from_metadata,
     check_weights,
     file_sha256,
     read_card,
@@ -72,7 +72,7 @@ def _source(run: Path) -> tuple[Path, dict[str, Any]]:
     else:
         kind = "segmentation" if "arch" in payload["model_config"] else "reid"
     meta = payload.get("encoder_config") or payload["model_config"]
-    return run, card_from_legacy(meta, kind, run.name, file_sha256(run), source=run)
+    return run, card_from_metadata(meta, kind, run.name, file_sha256(run), source=run)
 
 
 def _network(weights: Path, card: dict[str, Any]) -> nn.Module:

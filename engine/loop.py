@@ -13,6 +13,7 @@ loss plot.
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ from torch import nn
 from engine import distributed as dist_utils
 from engine.checkpoint import (
     atomic_save,
+    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     rng_state,
@@ -74,7 +76,6 @@ class LoopSettings:
     keep_last: int = 2
     log_every: int = 10
     progress: bool = True
-
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device, amp_dtype: torch.dtype | None) -> LoopSettings:
@@ -158,27 +159,18 @@ class Task:
         return {}
 
 
-def newest_readable_checkpoint(run_dir: Path, device: torch.device) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads, skipping (and naming) broken ones; leftovers of a write that
-    was killed (``.ckpt-*.tmp``) are removed first."""
-    for tmp in run_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+def newest_readable_checkpoint(run_dir: Path, device: torch.device) -> dict[str, Any] | None:
+    """The newest checkpoint that loads, skipping (and naming) broken ones."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load_checkpoint(path, map_location=device)
+            return load_checkpoint(path, map_location=device)
         except TwinviewError as err:
             print(f"twinview: note: skipped {err}", file=sys.stderr)
     return None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def finished_result(run: RunFolder) -> LoopResult:
     """What a finished run reached: its last logged step and loss, and its best validation."""
-    import csv
-
     rows: list[dict[str, str]] = []
     if (run.path / "metrics.csv").exists():
         with (run.path / "metrics.csv").open() as fh:
@@ -203,22 +195,23 @@ def train(task: Task, run: RunFolder, settings: LoopSettings, config: dict[str, 
     s, device = settings, settings.device
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
+        for tmp in run.path.glob(".*.tmp"):  # left by a write that was killed
+            tmp.unlink(missing_ok=True)
     parts = task.build(device, rank, world)
     best_path = run.path / BEST_FILE
     model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     scaler = torch.amp.GradScaler(device.type, enabled=s.amp_dtype == torch.float16)
     step, epoch, step_in_epoch = 0, 0, 0
     best: dict[str, float] | None = None
-    found = newest_readable_checkpoint(run.path, device)
-    if found is not None:
-        _, state = found
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        best = state.get("best")
+    resumed = newest_readable_checkpoint(run.path, device)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        step, epoch, step_in_epoch = resumed["step"], resumed["epoch"], resumed["step_in_epoch"]
+        best = resumed.get("best")
     elif any(run.path.glob("ckpt-*.pt")):
         raise TwinviewError(f"{display_path(run.path)}: no checkpoint here can be read; start a new run")
     method = model
@@ -236,7 +229,8 @@ def train(task: Task, run: RunFolder, settings: LoopSettings, config: dict[str, 
         if not all(bool(torch.isfinite(p).all()) for p in method.parameters()):
             raise NonFiniteLossError(
                 f"parameters became non-finite by step {step}; not saved. Last good checkpoint: "
-                f"{_newest(run.path)}. Lower the learning rate or set optim.grad_clip.")
+                f"{latest_checkpoint(run.path) or 'none yet'}. Lower the learning rate or set "
+                "optim.grad_clip.")
         state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                  "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "config": config,
@@ -260,8 +254,8 @@ def train(task: Task, run: RunFolder, settings: LoopSettings, config: dict[str, 
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
                         f"loss became {loss_value} at step {step + 1} (epoch {epoch}); stopped. Last good "
-                        f"checkpoint: {_newest(run.path)}. Lower the learning rate, set optim.grad_clip, "
-                        "or train.amp=fp32.")
+                        f"checkpoint: {latest_checkpoint(run.path) or 'none yet'}. Lower the learning rate, "
+                        "set optim.grad_clip, or train.amp=fp32.")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if s.grad_clip > 0:
@@ -305,11 +299,6 @@ def train(task: Task, run: RunFolder, settings: LoopSettings, config: dict[str, 
     if is_main and (run.path / "metrics.csv").exists():
         plot_loss_curve(run.path / "metrics.csv", run.path / "loss_curve.png", title=f"{task.name} loss")
     return LoopResult(step, last_loss, best)
-
-
-def _newest(run_dir: Path) -> str:
-    ckpts = list_checkpoints(run_dir)
-    return str(ckpts[-1]) if ckpts else "none yet"
 
 
 def _global_mean(loss: torch.Tensor, world: int) -> float:

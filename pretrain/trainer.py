@@ -22,7 +22,6 @@ from engine.device import select_amp
 from engine.loop import LoopSettings, NonFiniteLossError, Parts, Task, session, train
 from engine.optim import warmup_cosine
 from engine.sampling import ResumableSampler
-from pretrain.card import encoder_card
 from pretrain.config import PretrainConfig
 from pretrain.datasets import TwoViewDataset, collate_views, load_samples
 from pretrain.encoders import build_encoder
@@ -31,6 +30,7 @@ from pretrain.optim import build_optimizer
 from pretrain.views import build_views
 from twinview.config import to_dict
 from twinview.errors import DataError
+from twinview.model_card import write_card_for
 
 __all__ = ["NonFiniteLossError", "PretrainTask", "RunResult", "build_model", "run_pretraining"]
 
@@ -123,7 +123,7 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
         if s.is_main and task.method is not None:
             meta = _encoder_meta(cfg, task.spatial_dims)
             atomic_save({"encoder": task.method.encoder.state_dict(), "encoder_config": meta}, encoder_path)
-            encoder_card(meta, task.method.encoder.feat_dim, encoder_path)
+            write_card_for(encoder_path, meta, "encoder")
             monitor = _monitor(cfg, task.method.encoder, s.device, amp_dtype, plot_dir=s.run.path)
         elif (s.run.path / "monitor.json").exists():
             monitor = json.loads((s.run.path / "monitor.json").read_text())

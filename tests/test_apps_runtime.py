@@ -52,15 +52,15 @@ def test_intensity_steps_match_the_training_transforms() -> None:
 def test_a_volume_is_segmented_like_predict_logits(tmp_path: Path) -> None:
     from test_export import SEG_META
 
-    from downstream.seg.card import seg_card
     from downstream.seg.config import SegModelConfig
     from downstream.seg.inference import predict_logits
     from downstream.seg.model import build_seg_model
+    from twinview.model_card import write_card_for
 
     torch.manual_seed(0)
     net = build_seg_model(SegModelConfig(arch="unet", unet_channels=[8, 16, 32]), 2, 1, 3).eval()
     atomic_save({"model": net.state_dict(), "model_config": SEG_META}, tmp_path / "run" / "model.pt")
-    seg_card(SEG_META, tmp_path / "run" / "model.pt")
+    write_card_for(tmp_path / "run" / "model.pt", SEG_META, "segmentation")
     model = OnnxModel(export_run(tmp_path / "run", tmp_path / "seg.onnx").path)
     volume = np.random.default_rng(1).normal(size=(1, 30, 41, 7)).astype(np.float32)
     want = predict_logits(net, torch.from_numpy(volume), 2, [32, 32], 2).numpy()
@@ -74,17 +74,17 @@ def test_a_volume_is_segmented_like_predict_logits(tmp_path: Path) -> None:
 
 
 def test_crops_are_embedded_like_the_re_id_evaluation(tmp_path: Path) -> None:
-    from downstream.reid.card import reid_card
     from downstream.reid.evaluate import extract
     from downstream.reid.model import ReIDModel
     from pretrain.views import preset_metadata
+    from twinview.model_card import write_card_for
 
     torch.manual_seed(0)
     net = ReIDModel(4, "resnet18", last_stride=1, pooling="avg").eval()
     meta = {"encoder": "resnet18", "last_stride": 1, "pooling": "avg", "num_classes": 4, "size": [64, 32],
             "source": "reid", "encoder_weights": "", "preprocessing": preset_metadata("reid", (64, 32))}
     atomic_save({"model": net.state_dict(), "model_config": meta}, tmp_path / "run" / "model.pt")
-    reid_card(meta, 512, tmp_path / "run" / "model.pt")
+    write_card_for(tmp_path / "run" / "model.pt", meta, "reid")
     model = OnnxModel(export_run(tmp_path / "run", tmp_path / "reid.onnx").path)
     rng = np.random.default_rng(2)
     paths = []
@@ -110,15 +110,15 @@ def test_a_network_that_does_not_export_is_a_one_line_error(tmp_path: Path) -> N
     from test_export import SEG_META
 
     from downstream.export import ExportError
-    from downstream.seg.card import seg_card
     from downstream.seg.config import SegModelConfig
     from downstream.seg.model import build_seg_model
+    from twinview.model_card import write_card_for
 
     net = build_seg_model(SegModelConfig(arch="flexunet"), 3, 1, 3).eval()
     meta = {**SEG_META, "arch": "flexunet", "unet_channels": [32, 64, 128, 256, 512], "spatial_dims": 3,
             "roi": [32, 32, 32], "preprocessing": {**SEG_META["preprocessing"], "slice_axis": None}}
     atomic_save({"model": net.state_dict(), "model_config": meta}, tmp_path / "run" / "model.pt")
-    seg_card(meta, tmp_path / "run" / "model.pt")
+    write_card_for(tmp_path / "run" / "model.pt", meta, "segmentation")
     with pytest.raises(ExportError, match="3D flexunet does not export to ONNX") as err:
         export_run(tmp_path / "run", tmp_path / "seg3d.onnx")
     assert "\n" not in str(err.value) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

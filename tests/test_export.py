@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from downstream.export import ExportError, export_run
-from downstream.reid.card import reid_card
 from downstream.reid.model import ReIDModel
 from downstream.seg.config import SegModelConfig
 from downstream.seg.model import build_seg_model
 from engine.checkpoint import atomic_save
-from pretrain.card import encoder_card
 from pretrain.encoders import build_encoder
 from pretrain.views import preset_metadata
 from twinview.errors import DataError, OutputError
-from twinview.model_card import ONNX_CARD_KEY, read_onnx_card
+from twinview.model_card import ONNX_CARD_KEY, read_onnx_card, write_card_for
 from twinview_cli.main import main
 
 SEG_META = {"arch": "unet", "encoder": "resnet18", "unet_channels": [8, 16, 32], "spatial_dims": 2,
@@ -39,13 +37,11 @@ def run_ort(path: Path, x: np.ndarray) -> np.ndarray:
 
 def test_a_segmentation_run_exports_with_its_card_and_matches_torch(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from downstream.seg.card import seg_card
-
     torch.manual_seed(0)
     net = build_seg_model(SegModelConfig(arch="unet", unet_channels=[8, 16, 32]), 2, 1, 3).eval()
     run = tmp_path / "run"
     atomic_save({"model": net.state_dict(), "model_config": SEG_META}, run / "model.pt")
-    seg_card(SEG_META, run / "model.pt")
+    write_card_for(run / "model.pt", SEG_META, "segmentation")
     out = tmp_path / "seg.onnx"
     assert main(["export", str(run), "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -68,7 +64,7 @@ def test_encoders_and_re_id_models_export_old_runs_too(tmp_path: Path) -> None:
     meta = {"name": "resnet18", "in_channels": 3, "spatial_dims": 2, "small_stem": False, "method": "moco",
             "size": [64, 32], "preprocessing": preset_metadata("reid", (64, 32))}
     atomic_save({"encoder": encoder.state_dict(), "encoder_config": meta}, tmp_path / "pre" / "encoder.pt")
-    encoder_card(meta, 512, tmp_path / "pre" / "encoder.pt")
+    write_card_for(tmp_path / "pre" / "encoder.pt", meta, "encoder")
     done = export_run(tmp_path / "pre", tmp_path / "encoder.onnx")
     assert done.task == "pretraining" and done.card["pretraining_method"] == "moco"
     x = np.random.default_rng(2).normal(size=(3, 3, 64, 32)).astype(np.float32)
@@ -80,7 +76,7 @@ def test_encoders_and_re_id_models_export_old_runs_too(tmp_path: Path) -> None:
                  "size": [64, 32], "source": "reid", "encoder_weights": "",
                  "preprocessing": preset_metadata("reid", (64, 32))}
     atomic_save({"model": model.state_dict(), "model_config": reid_meta}, tmp_path / "reid" / "model.pt")
-    reid_card(reid_meta, 512, tmp_path / "reid" / "model.pt")
+    write_card_for(tmp_path / "reid" / "model.pt", reid_meta, "reid")
     card = export_run(tmp_path / "reid" / "model.pt", tmp_path / "reid.onnx").card
     assert card["task"] == "reid" and card["export"]["output"]["shape"] == ["batch", 512]
     (tmp_path / "reid" / "model.json").unlink()  # a run from before model cards

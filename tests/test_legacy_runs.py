@@ -14,7 +14,7 @@ from downstream.seg.evaluate import data_config_from, load_model
 from downstream.seg.model import build_seg_model, load_pretrained_encoder
 from engine.checkpoint import atomic_save
 from pretrain.encoders import build_encoder
-from twinview.model_card import card_from_legacy, file_sha256, validate_card
+from twinview.model_card import card_from_metadata, file_sha256, validate_card
 
 OLD_ENCODER = {"name": "resnet18", "in_channels": 3, "spatial_dims": 2, "small_stem": False,
                "method": "simclr", "preprocessing": _old_preset_metadata("reid", (64, 32), 2)}
@@ -36,7 +36,7 @@ def test_an_old_encoder_loads_for_re_id_and_segmentation(tmp_path: Path) -> None
     net = build_seg_model(SegModelConfig(encoder_weights=str(tmp_path)), 2, 3, 2)
     loaded = load_pretrained_encoder(net, SegModelConfig(encoder_weights=str(tmp_path)), 2, 3)
     assert loaded["method"] == "simclr"
-    card = card_from_legacy(OLD_ENCODER, "encoder", "encoder.pt", file_sha256(tmp_path / "encoder.pt"))
+    card = card_from_metadata(OLD_ENCODER, "encoder", "encoder.pt", file_sha256(tmp_path / "encoder.pt"))
     validate_card(card)
     assert card["input_size"] == [64, 32] and card["preprocessing"]["intensity"]["kind"] == "mean_std"
 
@@ -49,7 +49,7 @@ def test_old_segmentation_and_re_id_models_load_with_their_preprocessing(tmp_pat
     assert (data.normalize, data.roi, data.slice_axis, data.orientation) == ("zscore", [64, 64], 2, "RAS")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values(),
                                                  strict=True))
-    validate_card(card_from_legacy(OLD_SEG, "segmentation", "model.pt", "0" * 64))
+    validate_card(card_from_metadata(OLD_SEG, "segmentation", "model.pt", "0" * 64))
 
     reid = ReIDModel(5, "resnet18", last_stride=1, pooling="avg")
     old_reid = {"encoder": "resnet18", "last_stride": 1, "pooling": "avg", "num_classes": 5,
@@ -58,4 +58,4 @@ def test_old_segmentation_and_re_id_models_load_with_their_preprocessing(tmp_pat
     atomic_save({"model": reid.state_dict(), "model_config": old_reid}, tmp_path / "reid" / "model.pt")
     _, meta = load_reid_model(tmp_path / "reid")
     assert meta["size"] == [64, 32] and meta["preprocessing"]["intensity"]["kind"] == "mean_std"
-    validate_card(card_from_legacy(old_reid, "reid", "model.pt", "0" * 64))
+    validate_card(card_from_metadata(old_reid, "reid", "model.pt", "0" * 64))

@@ -18,7 +18,7 @@ from twinview.errors import DataError
 from twinview.model_card import (
     CARD_FILE,
     SCHEMA_ID,
-    card_from_legacy,
+    card_from_metadata,
     check_weights,
     file_sha256,
     intensity_from_preset,
@@ -302,7 +302,7 @@ def test_legacy_encoder(preset: str, size: tuple[int, ...], dims: int, channels:
     # as pretrain.trainer._encoder_meta wrote it into encoder.pt
     meta = {"name": "resnet50", "in_channels": channels, "spatial_dims": dims, "small_stem": True,
             "method": "byol", "preprocessing": _old_preset_metadata(preset, size, dims)}
-    card = card_from_legacy(meta, "encoder", "encoder.pt", SHA)
+    card = card_from_metadata(meta, "encoder", "encoder.pt", SHA)
     validate_card(card)
     json.dumps(card, allow_nan=False)
     assert card["task"] == "pretraining" and card["pretraining_method"] == "byol"
@@ -324,12 +324,12 @@ def test_legacy_payload_already_in_card_vocabulary() -> None:
            "orientation": "", "spacing": None, "slice_axis": None, "channel_policy": "repeat"}
     meta = {"name": "resnet34", "in_channels": 1, "spatial_dims": 3, "small_stem": False, "method": "moco",
             "size": [32, 32, 32], "preprocessing": pre}
-    card = card_from_legacy(meta, "encoder", "encoder.pt", SHA)
+    card = card_from_metadata(meta, "encoder", "encoder.pt", SHA)
     assert card["preprocessing"] == pre and card["input_size"] == [32, 32, 32]
     assert card["embedding_size"] == 512
     seg_pre = {**pre, "resize": "sliding_window", "orientation": "RAS", "slice_axis": 2}
     meta = {**_old_seg_meta(), "preprocessing": seg_pre, "roi": [48, 48]}
-    card = card_from_legacy(meta, "segmentation", "model.pt", SHA)
+    card = card_from_metadata(meta, "segmentation", "model.pt", SHA)
     assert card["preprocessing"] == seg_pre and card["patch_size"] == [48, 48]
 
 
@@ -345,7 +345,7 @@ def _old_seg_meta(**preprocessing: Any) -> dict[str, Any]:
 
 
 def test_legacy_segmentation() -> None:
-    card = card_from_legacy(_old_seg_meta(), "segmentation", "model.pt", SHA)
+    card = card_from_metadata(_old_seg_meta(), "segmentation", "model.pt", SHA)
     assert card["architecture"] == {"name": "flexunet", "encoder": "resnet18",
                                     "unet_channels": [32, 64, 128, 256, 512], "out_channels": 3}
     assert card["patch_size"] == [32, 32] and card["input_size"] is None
@@ -356,14 +356,14 @@ def test_legacy_segmentation() -> None:
 
     meta = _old_seg_meta(normalize="ct_window", spacing=[1.5, 1.5, 2.0], roi=[64, 64, 64])
     meta.update(spatial_dims=3, arch="unet", modality="CT")
-    card = card_from_legacy(meta, "segmentation", "model.pt", SHA)
+    card = card_from_metadata(meta, "segmentation", "model.pt", SHA)
     assert card["preprocessing"]["intensity"] == {"kind": "ct_window", "window": [-175.0, 250.0]}
     assert card["preprocessing"]["slice_axis"] is None and card["preprocessing"]["spacing"] == [1.5, 1.5, 2.0]
 
     meta = _old_seg_meta(normalize="percentile", orientation="", image_dims=2, roi=[64, 64])
     meta.update(in_channels=3, out_channels=2, labels={"0": "background", "1": "nucleus"}, kind="dsb2018",
                 task="DSB2018 nuclei", modality="microscopy", arch="smp_unet")
-    card = card_from_legacy(meta, "segmentation", "model.pt", SHA)
+    card = card_from_metadata(meta, "segmentation", "model.pt", SHA)
     assert card["preprocessing"]["intensity"] == {"kind": "percentile", "percentiles": [1.0, 99.0]}
     assert card["preprocessing"]["slice_axis"] is None and card["preprocessing"]["orientation"] == ""
 
@@ -373,7 +373,7 @@ def test_legacy_reid() -> None:
     meta = {"encoder": "resnet18", "last_stride": 1, "pooling": "gem", "num_classes": 751, "size": [256, 128],
             "source": "reid", "encoder_weights": "",
             "preprocessing": _old_preset_metadata("reid", (256, 128), 2)}
-    card = card_from_legacy(meta, "reid", "model.pt", SHA)
+    card = card_from_metadata(meta, "reid", "model.pt", SHA)
     assert card["architecture"] == {"name": "reid_bnneck", "encoder": "resnet18", "last_stride": 1,
                                     "pooling": "gem", "num_classes": 751}
     assert card["embedding_size"] == 512 and card["input_size"] == [256, 128]
@@ -384,19 +384,19 @@ def test_legacy_reid() -> None:
 def test_legacy_problems_name_the_source() -> None:
     meta = _old_seg_meta(orientation="LPS")
     with pytest.raises(DataError, match="preprocessing.orientation") as err:
-        card_from_legacy(meta, "segmentation", "model.pt", SHA, source="run/model.pt")
+        card_from_metadata(meta, "segmentation", "model.pt", SHA, source="run/model.pt")
     assert err.value.path == Path("run/model.pt")
     meta = _old_seg_meta()
     del meta["labels"]
     with pytest.raises(DataError, match="lacks 'labels'"):
-        card_from_legacy(meta, "segmentation", "model.pt", SHA, source="run/model.pt")
+        card_from_metadata(meta, "segmentation", "model.pt", SHA, source="run/model.pt")
     meta = {"name": "vit_b", "in_channels": 1, "spatial_dims": 2, "small_stem": False, "method": "moco",
             "preprocessing": {"intensity": "zscore_nonzero", "size": [32, 32], "resize": "resize_bilinear",
                               "channel_policy": "repeat"}}
     with pytest.raises(DataError, match="vit_b"):
-        card_from_legacy(meta, "encoder", "encoder.pt", SHA)
+        card_from_metadata(meta, "encoder", "encoder.pt", SHA)
     with pytest.raises(ValueError, match="kind"):
-        card_from_legacy(meta, "detector", "encoder.pt", SHA)
+        card_from_metadata(meta, "detector", "encoder.pt", SHA)
 
 
 # --------------------------------------------------------------------------- torch-free

@@ -23,6 +23,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 
 from twinview.errors import DataError
+from twinview.files import write_text_atomic
 
 T = TypeVar("T")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -243,10 +244,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def run_config(cls: type[T], path: str | os.PathLike[str] | None, resume: str | os.PathLike[str] | None,

@@ -3,7 +3,7 @@
 Export writes one beside every ``encoder.pt`` and ``model.pt``; torch-free readers (the browser apps)
 rebuild the network's preprocessing from it. The JSON Schema is packaged as
 ``twinview/schemas/model_card.schema.json``; :func:`validate_card` adds the checks that span keys.
-Old run folders have no card: :func:`card_from_legacy` turns the metadata dict their ``.pt`` files hold
+Old run folders have no card: :func:`card_from_metadata` turns the metadata dict their ``.pt`` files hold
 into one. This module imports neither torch nor numpy.
 """
 
@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -25,6 +24,7 @@ from jsonschema.exceptions import ValidationError
 
 from twinview import __version__
 from twinview.errors import DataError, display_path
+from twinview.files import write_text_atomic
 
 CARD_FILE = "model.json"
 ONNX_CARD_KEY = "twinview_model_card"  # the card inside an exported file's ONNX metadata_props
@@ -180,16 +180,9 @@ def write_card(card: dict[str, Any], path: Path) -> Path:
         text = json.dumps(card, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     except ValueError as e:  # NaN or infinity: not JSON
         raise DataError(path, f"card is not plain JSON: {e}") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(path, f"cannot write the model card: {e.strerror or e}") from None
     _fsync_folder(path.parent)
     return path
@@ -308,27 +301,36 @@ def intensity_from_seg(p: Mapping[str, Any]) -> dict[str, Any]:
     raise DataError(None, f"preprocessing.normalize: unknown old mode {mode!r}")
 
 
-def card_from_legacy(payload_meta: dict[str, Any], kind: str, weights_file: str, sha256: str, *,
-                     source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """A valid card from an old ``.pt`` file's metadata dict.
+def card_from_metadata(payload_meta: dict[str, Any], kind: str, weights_file: str, sha256: str, *,
+                       source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """A valid card from the metadata dict inside a ``.pt`` file, in the card's vocabulary or the older
+    one (run folders from before model cards).
 
     ``kind``: ``"encoder"`` (``encoder_config`` of ``encoder.pt``), ``"segmentation"`` or ``"reid"``
     (``model_config`` of ``model.pt``). ``source`` (the ``.pt`` file) is named in any DataError.
     """
-    builders = {"encoder": _legacy_encoder, "segmentation": _legacy_segmentation, "reid": _legacy_reid}
+    builders = {"encoder": _encoder_card, "segmentation": _segmentation_card, "reid": _reid_card}
     if kind not in builders:
         raise ValueError(f"kind must be one of {sorted(builders)}, got {kind!r}")
     try:
         card = builders[kind](payload_meta)
     except DataError as e:
-        raise DataError(source, f"old metadata: {e.reason}") from None
+        raise DataError(source, f"metadata: {e.reason}") from None
     except KeyError as e:
-        raise DataError(source, f"old {kind} metadata lacks {e.args[0]!r}") from None
+        raise DataError(source, f"{kind} metadata lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
-        raise DataError(source, f"old {kind} metadata is malformed: {e}") from None
+        raise DataError(source, f"{kind} metadata is malformed: {e}") from None
     card["weights"] = {"file": weights_file, "sha256": sha256}
     validate_card(card, source)
     return card
+
+
+def write_card_for(weights: Path, payload_meta: dict[str, Any], kind: str) -> Path:
+    """Write ``model.json`` beside ``weights`` (an ``encoder.pt`` or ``model.pt`` just saved), describing
+    it from the metadata saved inside it; returns the card's path."""
+    weights = Path(weights)
+    card = card_from_metadata(payload_meta, kind, weights.name, file_sha256(weights), source=weights)
+    return write_card(card, weights.parent / CARD_FILE)
 
 
 def _base(task: str) -> dict[str, Any]:
@@ -350,7 +352,7 @@ def _preset_preprocessing(pre: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _legacy_encoder(m: Mapping[str, Any]) -> dict[str, Any]:
+def _encoder_card(m: Mapping[str, Any]) -> dict[str, Any]:
     pre = m["preprocessing"]
     return {**_base("pretraining"),
             "architecture": {"name": m["name"], "small_stem": bool(m["small_stem"])},
@@ -360,7 +362,7 @@ def _legacy_encoder(m: Mapping[str, Any]) -> dict[str, Any]:
             "embedding_size": _embedding_size(m["name"]), "pretraining_method": m["method"], "data": None}
 
 
-def _legacy_segmentation(m: Mapping[str, Any]) -> dict[str, Any]:
+def _segmentation_card(m: Mapping[str, Any]) -> dict[str, Any]:
     p = m["preprocessing"]
     dims = int(m["spatial_dims"])
     if isinstance(p.get("intensity"), Mapping):  # already the card's vocabulary; the window is m["roi"]
@@ -385,7 +387,7 @@ def _legacy_segmentation(m: Mapping[str, Any]) -> dict[str, Any]:
             "data": {"name": m["task"], "kind": m["kind"], "modality": m["modality"]}}
 
 
-def _legacy_reid(m: Mapping[str, Any]) -> dict[str, Any]:
+def _reid_card(m: Mapping[str, Any]) -> dict[str, Any]:
     pre = m["preprocessing"]
     return {**_base("reid"),
             "architecture": {"name": "reid_bnneck", "encoder": m["encoder"],
@@ -394,7 +396,8 @@ def _legacy_reid(m: Mapping[str, Any]) -> dict[str, Any]:
             "spatial_dims": 2, "in_channels": 3,
             "input_size": [int(s) for s in m["size"]], "patch_size": None,
             "preprocessing": _preset_preprocessing(pre), "labels": None,
-            "embedding_size": _embedding_size(m["encoder"]), "pretraining_method": None,
+            "embedding_size": _embedding_size(m["encoder"]),
+            "pretraining_method": m.get("pretraining_method"),
             # old re-ID runs trained on Market-1501 only (downstream.reid.train.run_reid)
             "data": m.get("data") or {"name": "Market-1501", "kind": "market1501", "modality": "photo"}}
 

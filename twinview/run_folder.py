@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from twinview.errors import TwinviewError, display_path
+from twinview.files import write_text_atomic
 
 CONFIG_FILE, PROVENANCE_FILE, LOCK_FILE = "config.yaml", "provenance.json", "run.lock"
 RESUMABLE_KEYS = frozenset({
@@ -108,13 +109,13 @@ class RunFolder:
 
     def save_config(self, config: Mapping[str, Any]) -> None:
         """Write the resolved config atomically."""
-        _atomic_write(self.path / CONFIG_FILE, yaml.safe_dump(dict(config), sort_keys=False))
+        write_text_atomic(self.path / CONFIG_FILE, yaml.safe_dump(dict(config), sort_keys=False))
 
     def record(self, provenance: Mapping[str, Any]) -> None:
         """Append one session (start or resume) to ``provenance.json``."""
         path = self.path / PROVENANCE_FILE
         sessions = json.loads(path.read_text())["sessions"] if path.exists() else []
-        _atomic_write(path, json.dumps({"sessions": [*sessions, dict(provenance)]}, indent=2) + "\n")
+        write_text_atomic(path, json.dumps({"sessions": [*sessions, dict(provenance)]}, indent=2) + "\n")
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -160,19 +161,3 @@ class RunFolder:
         print(f"twinview: note: {where}: stale lock of pid {pid} (no longer running) taken over",
               file=sys.stderr)
         lock.unlink(missing_ok=True)
-
-
-def refuse_file_as_folder(path: Path) -> None:
-    """An output folder that is an existing file is a user's mistake, named before any work."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise RunFolderError(f"{display_path(path)}: is a file; the output must be a folder")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

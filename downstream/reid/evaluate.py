@@ -185,9 +185,9 @@ def evaluate_run(model_path: Path, data: Path, out: Path, metric: str = "cosine"
                  flip: bool = True, size: Sequence[int] | None = None, device: str = "auto") -> str:
     """``twinview reid eval``: score a re-ID run or a pretraining run on ``data``; returns eval.md."""
     from engine.device import select_device
-    from twinview.run_folder import refuse_file_as_folder
+    from twinview.errors import check_output
 
-    refuse_file_as_folder(out)
+    check_output(out, kind="evaluation")
     dev = select_device(device)
     model, meta = load_reid_model(model_path, dev, size=size)
     evaluate_market(model, meta, data, ReIDEvalConfig(flip=flip, metric=metric, rerank=rerank), out, dev)

@@ -19,7 +19,6 @@ import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from twinview.errors import DataError, check_output, display_path
+from twinview.provenance import twinview_version
 
 INDEX_FILE, META_FILE = "index.faiss", "meta.json"
 INDEX_KIND = "twinview-reid-index"  # meta.json's "kind": marks a folder that build_index wrote
@@ -70,13 +70,6 @@ def model_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 def _field(record: Any, name: str) -> Any:
     return record[name] if isinstance(record, Mapping) else getattr(record, name)
-
-
-def _version() -> str | None:
-    try:
-        return metadata.version("twinview")
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def foreign_index(folder: Path) -> str | None:
@@ -125,7 +118,7 @@ def build_index(features: np.ndarray, records: Sequence[Any], model_id: str, out
     meta = {"model_id": model_id, "dim": int(feats.shape[1]), "count": len(feats), "metric": METRIC,
             "paths": [str(_field(r, "path")) for r in records],
             "pids": [int(_field(r, "pid")) for r in records],
-            "camids": [int(_field(r, "camid")) for r in records], "twinview_version": _version(),
+            "camids": [int(_field(r, "camid")) for r in records], "twinview_version": twinview_version(),
             **(extra or {}), "kind": INDEX_KIND}
     out = Path(os.path.abspath(out))
     check_output(out, kind="re-ID index", foreign=foreign_index, overwrite=overwrite)

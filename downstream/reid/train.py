@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from downstream.reid.card import reid_card
 from downstream.reid.config import ReIDConfig
 from downstream.reid.data import PersonDataset, camera_counts, train_pipeline
 from downstream.reid.losses import batch_hard_triplet_loss, id_loss
@@ -32,6 +31,7 @@ from engine.optim import param_groups
 from pretrain.encoders import load_encoder_file
 from pretrain.views import preset_metadata
 from twinview.config import to_dict
+from twinview.model_card import write_card_for
 
 
 @dataclass
@@ -137,7 +137,7 @@ def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
                            LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
             if s.is_main:
                 atomic_save({"model": model.state_dict(), "model_config": meta}, model_path)
-                reid_card(meta, model.feat_dim, model_path)
+                write_card_for(model_path, meta, "reid")
         metrics: dict[str, float] = {}
         report = ""
         if s.is_main:

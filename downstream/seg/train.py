@@ -21,7 +21,6 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from downstream.seg.card import seg_card
 from downstream.seg.config import SegConfig
 from downstream.seg.data import (
     PatchDataset,
@@ -46,6 +45,7 @@ from engine.loop import LoopSettings, Parts, Task, finished_result, session, tra
 from engine.optim import param_groups, warmup_cosine
 from engine.sampling import ResumableSampler
 from twinview.config import ConfigError, to_dict
+from twinview.model_card import write_card_for
 
 
 @dataclass
@@ -177,7 +177,7 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
             set_encoder_frozen(model, False)
             if s.is_main:
                 atomic_save({"model": model.state_dict(), "model_config": meta}, model_path)
-                seg_card(meta, model_path)
+                write_card_for(model_path, meta, "segmentation")
         summary: dict[str, float] = {}
         table = ""
         if split["test"] and s.is_main:
