@@ -1,5 +1,6 @@
 # One-command set-up: `make demo` runs the main job, `make test` runs ruff and the tests.
-# Both create .venv on first use. Everything is installed from pyproject.toml (torch is pinned there).
+# Both create .venv on first use with the test, apps and export extras of pyproject.toml (torch is
+# pinned there).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,apps,export]"
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -8,7 +8,8 @@ Stages (each skipped when its results already exist, so a killed demo resumes wh
    2D FlexibleUNet fine-tuned on a few labelled volumes from that encoder and from random init, scored
    on held-out volumes (Dice, HD95);
 4. re-ID with labels: the strong-baseline head trained from the stage-2 encoder and from random init,
-   scored under the Market-1501 protocol.
+   scored under the Market-1501 protocol;
+5. the pretrained arms of stages 3 and 4 exported to ONNX (``models/``) for the browser apps.
 """
 
 from __future__ import annotations
@@ -131,20 +132,37 @@ def _reid_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
     return results
 
 
+def _export_stage(out: Path, seg: dict) -> dict[str, str]:
+    from downstream.export import export_run
+
+    models = out / "models"
+    sources = {"reid.onnx": out / "reid_pretrained", "segmentation.onnx": Path(seg["pretrained"]["run_dir"])}
+    done = {}
+    for name, run in sources.items():
+        target = models / name
+        exported = export_run(run, target, overwrite=True)
+        done[name] = str(target)
+        print(f"  {name:18s} from {run.name}: onnxruntime within {exported.max_abs_diff:.1e} of torch")
+    return done
+
+
 def run_demo(out: Path, seed: int = 0, quick: bool = False) -> int:
     """Run every stage into ``out``; ``quick`` shrinks data and training to a smoke test (CI)."""
     out.mkdir(parents=True, exist_ok=True)
-    start = _stage("1/4 synthetic data (Market-1501, MSD and DSB2018 layouts), checked by inspect")
+    start = _stage("1/5 synthetic data (Market-1501, MSD and DSB2018 layouts), checked by inspect")
     paths = _data_stage(out, seed, quick)
     print(f"  done in {time.perf_counter() - start:.0f} s")
-    start = _stage("2/4 SimCLR pretraining on the synthetic crops, no labels")
+    start = _stage("2/5 SimCLR pretraining on the synthetic crops, no labels")
     _pretrain_stage(out, paths["market"], seed, quick)
     print(f"  done in {time.perf_counter() - start:.0f} s")
-    start = _stage("3/4 segmentation with few labels: pretrained encoder against random init")
-    _seg_stage(out, paths["msd"], seed, quick)
+    start = _stage("3/5 segmentation with few labels: pretrained encoder against random init")
+    seg = _seg_stage(out, paths["msd"], seed, quick)
     print(f"  done in {time.perf_counter() - start:.0f} s")
-    start = _stage("4/4 re-ID (BNNeck, ID + triplet): pretrained encoder against random init")
+    start = _stage("4/5 re-ID (BNNeck, ID + triplet): pretrained encoder against random init")
     _reid_stage(out, paths["market"], seed, quick)
+    print(f"  done in {time.perf_counter() - start:.0f} s")
+    start = _stage("5/5 ONNX export of the pretrained models for the browser apps")
+    models = _export_stage(out, seg)
     print(f"  done in {time.perf_counter() - start:.0f} s")
     print(f"\nResults are in {out.resolve()}:\n"
           f"  data/                    synthetic data sets and their inspect reports\n"
@@ -155,5 +173,10 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False) -> int:
           f"  seg/runs/                segmentation runs: model.pt, model.json, test_metrics.csv, overlays/\n"
           f"  seg_summary.json         Dice and HD95 of both starts\n"
           f"  reid_pretrained/, reid_random/  re-ID runs: model.pt, eval.md, cmc_curve.png, top10.png\n"
-          f"  reid_summary.json        rank-1, mAP and mINP of both starts")
+          f"  reid_summary.json        rank-1, mAP and mINP of both starts\n"
+          f"  models/                  the pretrained re-ID and segmentation models as ONNX")
+    print(f"\nTwo browser apps run on {', '.join(Path(m).name for m in models.values())} "
+          "(Ctrl-C stops them):\n"
+          f"  .venv/bin/twinview app retrieval --demo-out {out}\n"
+          f"  .venv/bin/twinview app segmentation --demo-out {out}")
     return 0

@@ -75,28 +75,34 @@ def _source(run: Path) -> tuple[Path, dict[str, Any]]:
     return run, card_from_metadata(meta, kind, run.name, file_sha256(run), source=run)
 
 
-def _network(weights: Path, card: dict[str, Any]) -> nn.Module:
-    """The network in eval mode, as the card describes it, on the CPU."""
+def _network(weights: Path, card: dict[str, Any]) -> tuple[nn.Module, str | None]:
+    """The network in eval mode, as the card describes it, on the CPU, and for a re-ID model the
+    fingerprint that ``twinview reid index`` records (so an index can be matched to the exported file)."""
     if card["task"] == "segmentation":
         from downstream.seg.evaluate import load_model
 
-        return load_model(weights)[0]
+        return load_model(weights)[0], None
     if card["task"] == "reid":
         from downstream.reid.evaluate import load_reid_model
 
-        return load_reid_model(weights)[0]
+        model, meta = load_reid_model(weights)
+        return model, meta["model_id"]
     from pretrain.encoders import build_encoder
 
     encoder = build_encoder(card["architecture"]["name"], in_channels=card["in_channels"],
                             spatial_dims=card["spatial_dims"], small_stem=card["architecture"]["small_stem"])
     encoder.load_state_dict(load_payload(weights, ("encoder",), "encoder")["encoder"])
-    return encoder.eval()
+    return encoder.eval(), None
 
 
 def export_run(run: Path, out: Path, overwrite: bool = False, tolerance: float = TOLERANCE) -> Exported:
     """Export the network of ``run`` (a run folder, ``model.pt`` or ``encoder.pt``) to ``out``."""
-    import onnx
-    import onnxruntime as ort
+    try:
+        import onnx
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401 - torch's exporter needs it; say so before any work is done
+    except ImportError as err:
+        raise ExportError(f"ONNX export needs {err.name}: pip install -e '.[export]'") from err
 
     run, out = Path(run), Path(out)
     weights, card = _source(run)
@@ -105,7 +111,7 @@ def export_run(run: Path, out: Path, overwrite: bool = False, tolerance: float =
     if out.exists() and (out.is_dir() or not overwrite):
         raise OutputError(out, "exists; pass --overwrite to replace an earlier export" if out.is_file()
                           else "is a folder; give a file name ending in .onnx")
-    model = _network(weights, card)
+    model, model_id = _network(weights, card)
     spatial = card["input_size"] or card["patch_size"]
     example = torch.randn(2, card["in_channels"], *spatial, generator=torch.Generator().manual_seed(0))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +141,8 @@ def export_run(run: Path, out: Path, overwrite: bool = False, tolerance: float =
                                                                    "shape": ["batch", card["in_channels"],
                                                                              *spatial]},
                                    "output": {"name": "output", "shape": ["batch", *got.shape[1:]],
-                                              "meaning": OUTPUTS[card["task"]]}}}
+                                              "meaning": OUTPUTS[card["task"]]},
+                                   **({"model_id": model_id} if model_id else {})}}
         from twinview.model_card import validate_card
 
         validate_card(card, out)

@@ -105,7 +105,30 @@ def test_demo_runs_every_stage_quickly(tmp_path: Path) -> None:
     assert (out / "pretrain_seg_simclr" / "encoder.pt").exists()
     reid = json.loads((out / "reid_summary.json").read_text())
     assert all(0.0 < reid[arm]["rank1"] <= 1.0 for arm in ("pretrained", "random"))
-    assert "4/4 re-ID" in done.stdout and f"Results are in {out.resolve()}" in done.stdout
+    assert "4/5 re-ID" in done.stdout and f"Results are in {out.resolve()}" in done.stdout
+    from twinview.model_card import read_onnx_card
+
+    assert read_onnx_card(out / "models" / "reid.onnx")["task"] == "reid"
+    assert read_onnx_card(out / "models" / "segmentation.onnx")["task"] == "segmentation"
+    assert f"twinview app retrieval --demo-out {out}" in done.stdout
+    assert f"twinview app segmentation --demo-out {out}" in done.stdout
+
+
+def test_app_without_a_model_says_how_to_make_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["app", "segmentation", "--demo-out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "models/segmentation.onnx" in err and "make demo" in err and "twinview export" in err
+    assert main(["app", "retrieval", "--model", str(tmp_path / "nope.onnx")]) == 2
+    assert "nope.onnx: no such ONNX file" in capsys.readouterr().err
+
+
+def test_app_command_runs_the_app_script_headless() -> None:
+    from twinview_cli.launch import APPS_DIR, app_command
+
+    cmd = app_command("retrieval", 8600, 20)
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APPS_DIR / "retrieval_app.py")
+    assert ["--server.port", "8600"] == cmd[cmd.index("--server.port"):][:2]
+    assert ["--server.maxUploadSize", "20"] == cmd[cmd.index("--server.maxUploadSize"):][:2]
 
 
 def test_version_prints_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

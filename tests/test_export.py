@@ -79,6 +79,9 @@ def test_encoders_and_re_id_models_export_old_runs_too(tmp_path: Path) -> None:
     write_card_for(tmp_path / "reid" / "model.pt", reid_meta, "reid")
     card = export_run(tmp_path / "reid" / "model.pt", tmp_path / "reid.onnx").card
     assert card["task"] == "reid" and card["export"]["output"]["shape"] == ["batch", 512]
+    from downstream.reid.evaluate import load_reid_model  # the fingerprint a `reid index` folder records
+
+    assert card["export"]["model_id"] == load_reid_model(tmp_path / "reid")[1]["model_id"]
     (tmp_path / "reid" / "model.json").unlink()  # a run from before model cards
     assert export_run(tmp_path / "reid", tmp_path / "old.onnx").card["embedding_size"] == 512
 

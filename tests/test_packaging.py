@@ -18,7 +18,8 @@ def _name(requirement: str) -> str:
 
 def _pyproject_requirements() -> dict[str, str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["test"]
+    extras = project["optional-dependencies"]
+    reqs = project["dependencies"] + extras["test"] + extras["apps"] + extras["export"]
     return {_name(r): r.replace(" ", "") for r in reqs}
 
 
@@ -49,3 +50,11 @@ def test_console_command_lists_subcommands() -> None:
                          check=True).stdout
     for sub in ("data", "demo"):
         assert sub in out
+
+
+def test_the_apps_and_export_extras_hold_what_only_they_import() -> None:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    base = {_name(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert {"streamlit", "onnxruntime"} <= {_name(r) for r in extras["apps"]}
+    assert {"onnx", "onnxscript"} <= {_name(r) for r in extras["export"]}
+    assert not base & {"streamlit", "onnxruntime", "onnx", "onnxscript"}

@@ -14,6 +14,7 @@ from typing import Any
 
 from twinview.errors import TwinviewError, display_path
 from twinview.provenance import twinview_version
+from twinview_cli.launch import DEMO_MODELS
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -141,6 +142,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(json.dumps({"onnx": str(done.path), "task": done.task, "max_abs_diff": done.max_abs_diff,
                       "opset": done.card["export"]["opset"]}))
     return 0
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    from twinview_cli.launch import launch
+
+    return launch(args.app, args.model, getattr(args, "gallery", None), demo_out=args.demo_out,
+                  port=args.port, max_upload_mb=args.max_upload_mb)
 
 
 def _cmd_views(args: argparse.Namespace) -> int:
@@ -321,6 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, metavar="FILE.onnx")
     export.add_argument("--overwrite", action="store_true", help="replace an existing file")
     export.set_defaults(func=_cmd_export, parser=export)
+
+    app = sub.add_parser("app", help="start a browser app (retrieval or segmentation) on an ONNX model",
+                         description="Serve a Streamlit app on localhost from a model written by `twinview "
+                                     "export` (onnxruntime, no torch). Without --model the demo's export is "
+                                     "used (demo_out/models/).")
+    app_sub = app.add_subparsers(dest="app", required=True, metavar="APP")
+    for name, what in (("retrieval", "rank a gallery of person crops for a query"),
+                       ("segmentation", "segment an uploaded scan or image, with overlays and volumes")):
+        one = app_sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        one.add_argument("--model", type=Path, metavar="FILE.onnx",
+                         help=f"exported model (default: DEMO_OUT/{DEMO_MODELS[name]})")
+        if name == "retrieval":
+            one.add_argument("--gallery", type=Path, metavar="DIR",
+                             help="a folder of images, a Market-1501 root or a `twinview reid index` folder "
+                                  "(default: DEMO_OUT/data/market)")
+        one.add_argument("--demo-out", type=Path, default=Path("demo_out"), metavar="DEMO_OUT",
+                         help="where `make demo` wrote its results")
+        one.add_argument("--port", type=int, default=8501)
+        one.add_argument("--max-upload-mb", type=int, default=None,
+                         help="largest upload accepted (default: 20 for retrieval, 512 for segmentation)")
+        one.set_defaults(func=_cmd_app, parser=one)
 
     demo = sub.add_parser("demo", help="run the main job end to end on synthetic data",
                           description="Generate synthetic data and run every stage of twinview on it.")
