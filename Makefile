@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv test test-slow lint demo bench clean
+.PHONY: venv test test-slow lint demo screenshots bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/twinview demo --out $(DEMO_OUT)
+
+# The README's app screenshots: the browser tests run on the demo's models and data (needs `make demo`
+# and chromium + chromium-driver).
+screenshots: $(STAMP)
+	TWINVIEW_DEMO_OUT=$(DEMO_OUT) TWINVIEW_SCREENSHOTS=docs/images $(PY) -m pytest -q -m browser \
+		tests/test_browser_apps.py
 
 # Benchmarks (lightly is a benchmark-only extra); tables land in benchmarks/results/.
 bench: $(STAMP)
