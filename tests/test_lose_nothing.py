@@ -114,8 +114,8 @@ def test_reid_index_out_at_or_around_the_gallery_is_refused(tmp_path: Path, reid
 
 def test_reid_index_never_replaces_what_twinview_did_not_write(tmp_path: Path, reid_run: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
-    from downstream.reid.index import build_index
     from downstream.reid.search import index_gallery
+    from twinview.index import build_index
 
     gallery = _gallery(tmp_path / "market")
     thesis = tmp_path / "thesis"
@@ -423,7 +423,7 @@ def test_foreign_files_as_encoder_or_model_are_one_line_errors(tmp_path: Path, s
 def test_query_with_k_zero_is_refused_before_loading_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture) -> None:
     import downstream.reid.search as search
-    from downstream.reid.index import build_index
+    from twinview.index import build_index
 
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded")
@@ -440,7 +440,7 @@ def test_query_with_k_zero_is_refused_before_loading_a_model(tmp_path: Path, mon
 
 
 def test_a_folder_that_is_no_index_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from downstream.reid.index import IndexFileError, IndexModelMismatch, load_index
+    from twinview.index import IndexFileError, IndexModelMismatch, load_index
 
     assert issubclass(IndexFileError, DataError) and issubclass(IndexModelMismatch, DataError)
     image = write_image(tmp_path / "q.jpg", rgb())

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from downstream.reid.config import ReIDConfig
-from downstream.reid.index import IndexModelMismatch
 from downstream.reid.train import lr_factor, run_reid
 from tests.reader_builders import snapshot
 from twinview.config import load_config
 from twinview.errors import DataError
+from twinview.index import IndexModelMismatch
 
 REPO = Path(__file__).resolve().parents[1]
 

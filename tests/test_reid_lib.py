@@ -1,29 +1,19 @@
-"""Re-ID library: k-reciprocal re-ranking, losses, strong-baseline model, P x K sampler, faiss retrieval
-index (the Market-1501 metrics: tests/test_retrieval.py)."""
+"""Re-ID library: k-reciprocal re-ranking, losses, strong-baseline model and its fingerprint, P x K sampler
+(the Market-1501 metrics: tests/test_retrieval.py; the retrieval index: tests/test_index.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import cdist
 from torch.utils.data import DataLoader
 
-from downstream.reid.index import (
-    IndexFileError,
-    IndexModelMismatch,
-    build_index,
-    load_index,
-    model_fingerprint,
-)
 from downstream.reid.losses import batch_hard_triplet_loss, id_loss
-from downstream.reid.model import GeM, ReIDModel, embed
+from downstream.reid.model import GeM, ReIDModel, embed, model_fingerprint
 from downstream.reid.rerank import re_rank
 from downstream.reid.sampler import PKSampler
 from pretrain.encoders import build_encoder, load_encoder_weights
@@ -282,79 +272,6 @@ def test_pk_sampler_rejects_too_few_identities() -> None:
 
 
 # --------------------------------------------------------------------------- index
-
-
-def _gallery(n: int = 20, d: int = 8) -> tuple[np.ndarray, list[dict]]:
-    feats = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    records = [{"path": f"g/{i:04d}_c{i % 3 + 1}.jpg", "pid": i // 2, "camid": i % 3 + 1} for i in range(n)]
-    return feats, records
-
-
-def test_index_round_trip_and_search(tmp_path: Path) -> None:
-    feats, records = _gallery()
-    out = build_index(feats, records, "abc123", tmp_path / "idx")
-    meta = json.loads((out / "meta.json").read_text())
-    assert (meta["model_id"], meta["dim"], meta["count"], meta["metric"]) == ("abc123", 8, 20, "cosine")
-    assert meta["pids"][5] == 2 and meta["twinview_version"]
-    index = load_index(out)
-    index.check_model("abc123")
-    hits = index.search(feats[[3, 11]], k=5)
-    assert [len(h) for h in hits] == [5, 5]
-    top = hits[1][0]
-    assert (top.rank, top.path, top.pid, top.camid) == (1, records[11]["path"], 5, records[11]["camid"])
-    assert top.score == pytest.approx(1.0, abs=1e-5)
-    assert [h.rank for h in hits[0]] == [1, 2, 3, 4, 5]
-    assert all(a.score >= b.score for a, b in zip(hits[0], hits[0][1:], strict=False))
-    assert len(index.search(feats[:1], k=500)[0]) == 20  # k clamped to the index size
-
-
-def test_index_model_and_dim_mismatch(tmp_path: Path) -> None:
-    feats, records = _gallery()
-    index = load_index(build_index(feats, records, "model-a", tmp_path / "idx"))
-    with pytest.raises(IndexModelMismatch, match=r"model-a.*model-b") as err:
-        index.check_model("model-b")
-    assert str(tmp_path / "idx") in str(err.value)
-    with pytest.raises(ValueError, match=str(tmp_path / "idx")):
-        index.search(np.zeros((1, 4), np.float32), k=3)
-
-
-def test_index_missing_or_corrupt_files(tmp_path: Path) -> None:
-    feats, records = _gallery()
-    out = build_index(feats, records, "m", tmp_path / "idx")
-    (out / "meta.json").write_text("{not json")
-    with pytest.raises(IndexFileError, match="meta.json"):
-        load_index(out)
-    out = build_index(feats, records, "m", tmp_path / "idx2")
-    (out / "index.faiss").write_bytes(b"garbage")
-    with pytest.raises(IndexFileError, match="index.faiss"):
-        load_index(out)
-    (out / "index.faiss").unlink()
-    with pytest.raises(IndexFileError, match=r"index\.faiss is missing"):
-        load_index(out)
-
-
-def test_index_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    feats, records = _gallery()
-    out = tmp_path / "idx"
-
-    def half_written(index: faiss.Index, path: str) -> None:
-        Path(path).write_bytes(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(faiss, "write_index", half_written)
-    with pytest.raises(OSError, match="disk full"):
-        build_index(feats, records, "m", out)
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.undo()
-    build_index(feats, records, "old", out)  # a failed rebuild keeps the old index
-    monkeypatch.setattr(faiss, "write_index", half_written)
-    with pytest.raises(OSError):
-        build_index(feats[:5], records[:5], "new", out, overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["idx"] and load_index(out).model_id == "old"
-    monkeypatch.undo()
-    build_index(feats[:5], records[:5], "new", out, overwrite=True)  # a successful rebuild replaces it
-    assert [p.name for p in tmp_path.iterdir()] == ["idx"] and len(load_index(out)) == 5
 
 
 def test_model_fingerprint() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from downstream.reid.config import ReIDEvalConfig
 from downstream.reid.data import as_arrays, eval_pipeline, load_batch
-from downstream.reid.model import ReIDModel, embed
+from downstream.reid.model import ReIDModel, embed, model_fingerprint
 from engine.checkpoint import load_payload
 from pretrain.encoders import load_encoder_weights
 from pretrain.views import preset_metadata
@@ -60,8 +60,6 @@ def load_reid_model(path: str | Path, device: torch.device | str = "cpu",
     if size is not None:
         meta["size"] = list(size)
         meta["preprocessing"] = preset_metadata("reid", tuple(size))
-    from downstream.reid.index import model_fingerprint
-
     meta["model_id"] = model_fingerprint(model.state_dict())
     return model.to(device).eval(), meta
 

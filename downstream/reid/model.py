@@ -10,6 +10,9 @@ head live outside the backbone.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -99,3 +102,18 @@ def embed(model: ReIDModel, images: Tensor, flip: bool = True) -> Tensor:
         for module, mode in modes:
             module.training = mode
     return F.normalize(feats, dim=1)
+
+
+def model_fingerprint(state_dict: Mapping[str, Tensor]) -> str:
+    """First 16 hex digits of a SHA-256 over the sorted keys, each with its tensor's dtype, shape and
+    bytes: equal for equal weights, whatever the device or the dict order. A retrieval index records it
+    (``model_id``) so that queries embedded by another model are refused."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"model_fingerprint: {key!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from downstream.reid.evaluate import extract, load_reid_model
-from downstream.reid.index import Hit, build_index, foreign_index, load_index
 from twinview.errors import DataError, check_output, display_path, missing_path
+from twinview.index import Hit, build_index, foreign_index, load_index
 
 
 def gallery_records(folder: Path) -> list:
@@ -52,7 +52,7 @@ def index_gallery(gallery: Path, model_path: Path, out: Path, device: str = "cpu
 
     ``out`` must not be, contain or lie inside the gallery (or be or contain the model file), and an
     existing ``out`` must be an earlier index, replaced only with ``overwrite``: else ``OutputError``,
-    raised before any model is loaded (see :func:`downstream.reid.index.build_index`)."""
+    raised before any model is loaded (see :func:`twinview.index.build_index`)."""
     gallery, out = Path(gallery), Path(out)
     records = gallery_records(gallery)
     model_file = _model_path(model_path)
