@@ -74,8 +74,10 @@ def normalise_intensity(image: np.ndarray, intensity: dict[str, Any]) -> np.ndar
     return (x / np.float32(intensity["max_value"]) - mean) / std
 
 
-def embed(model: OnnxModel, images: Sequence[np.ndarray]) -> np.ndarray:
-    """(N, D) L2-normalised embeddings of RGB images (H, W, 3), uint8 or float in [0, 255]."""
+def embed(model: OnnxModel, images: Sequence[np.ndarray], flip: bool = False) -> np.ndarray:
+    """(N, D) L2-normalised embeddings of RGB images (H, W, 3), uint8 or float in [0, 255]; with ``flip``
+    the features of each image and of its horizontal mirror image are averaged before normalising, as
+    :func:`downstream.reid.model.embed` does (an index records which was used: queries must match it)."""
     import cv2
 
     if model.task not in ("reid", "pretraining") or model.card["spatial_dims"] != 2:
@@ -90,7 +92,8 @@ def embed(model: OnnxModel, images: Sequence[np.ndarray]) -> np.ndarray:
             raise DataError(None, f"an RGB image (H, W, 3) is needed, got shape {rgb.shape}")
         resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
         batch.append(normalise_intensity(np.moveaxis(resized.astype(np.float32), -1, 0), intensity))
-    feats = model(np.stack(batch))
+    x = np.stack(batch)
+    feats = model(np.concatenate([x, x[..., ::-1]])).reshape(2, len(x), -1).mean(0) if flip else model(x)
     return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 

@@ -5,9 +5,11 @@ speed does not depend on the weights), then timed on the same input by torch eag
 eval mode) and by an onnxruntime session (all graph optimisations, intra-op threads = cores):
 
 * re-ID (ResNet-18, last stride 1, BNNeck) on 128x64 crops, batch 1 and 32;
-* segmentation, 2D FlexibleUNet on 64x64 slices, batch 1 and 16.
+* segmentation, 2D FlexibleUNet on 64x64 slices, batch 1 and 16;
+* segmentation, 3D U-Net (MONAI's residual UNet) on one 48x48x48 patch, batch 1 and 4.
 
-The 3D FlexibleUNet does not export (MONAI's 3D ResNet builds its shortcut padding from the batch size).
+The 3D FlexibleUNet does not export (MONAI's 3D ResNet builds its shortcut padding from the batch size),
+so volumes are served by the 3D U-Net.
 
 Medians of repeated calls after warm-up, the ratio torch / onnxruntime (above 1: onnxruntime faster) and
 the largest absolute difference of the outputs. Writes ``benchmarks/results/onnx_vs_torch.{md,json}``.
@@ -58,14 +60,14 @@ def reid_run(folder: Path) -> torch.nn.Module:
     return model
 
 
-def seg_run(folder: Path, dims: int, roi: list[int]) -> torch.nn.Module:
+def seg_run(folder: Path, dims: int, roi: list[int], arch: str = "flexunet") -> torch.nn.Module:
     from downstream.seg.config import SegModelConfig
     from downstream.seg.model import build_seg_model
     from engine.checkpoint import atomic_save
     from twinview.model_card import write_card_for
 
-    net = build_seg_model(SegModelConfig(arch="flexunet"), dims, 1, 3).eval()
-    meta = {"arch": "flexunet", "encoder": "resnet18", "unet_channels": [32, 64, 128, 256, 512],
+    net = build_seg_model(SegModelConfig(arch=arch), dims, 1, 3).eval()
+    meta = {"arch": arch, "encoder": "resnet18", "unet_channels": [32, 64, 128, 256, 512],
             "spatial_dims": dims, "in_channels": 1, "out_channels": 3,
             "labels": {"0": "background", "1": "anterior", "2": "posterior"}, "task": "Hippocampus",
             "kind": "msd", "modality": "MRI", "encoder_weights": "", "roi": roi,
@@ -99,7 +101,9 @@ def main() -> None:
         cases = [("re-ID ResNet-18, 128x64", reid_run(work / "reid"), "reid",
                   [(1, 3, 128, 64), (32, 3, 128, 64)]),
                  ("2D FlexibleUNet, 64x64 slices", seg_run(work / "seg2d", 2, [64, 64]), "seg2d",
-                  [(1, 1, 64, 64), (16, 1, 64, 64)])]
+                  [(1, 1, 64, 64), (16, 1, 64, 64)]),
+                 ("3D U-Net, 48x48x48 patches", seg_run(work / "seg3d", 3, [48, 48, 48], "unet"), "seg3d",
+                  [(1, 1, 48, 48, 48), (4, 1, 48, 48, 48)])]
         for name, model, folder, shapes in cases:
             exported = export_run(work / folder, work / f"{folder}.onnx")
             session = ort.InferenceSession(str(exported.path), options, providers=["CPUExecutionProvider"])

@@ -104,6 +104,29 @@ def test_the_runtime_imports_without_torch() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
 
 
+def test_a_3d_u_net_exports_at_its_patch_and_slides_like_monai(tmp_path: Path) -> None:
+    from test_export import SEG_META
+
+    from downstream.seg.config import SegModelConfig
+    from downstream.seg.model import build_seg_model
+    from twinview.model_card import write_card_for
+
+    torch.manual_seed(0)
+    net = build_seg_model(SegModelConfig(arch="unet", unet_channels=[4, 8, 16]), 3, 1, 3).eval()
+    meta = {**SEG_META, "spatial_dims": 3, "roi": [16, 16, 16], "unet_channels": [4, 8, 16],
+            "preprocessing": {**SEG_META["preprocessing"], "slice_axis": None}}
+    atomic_save({"model": net.state_dict(), "model_config": meta}, tmp_path / "run" / "model.pt")
+    write_card_for(tmp_path / "run" / "model.pt", meta, "segmentation")
+    model = OnnxModel(export_run(tmp_path / "run", tmp_path / "seg3d.onnx").path)
+    assert model.card["export"]["input"]["shape"] == ["batch", 1, 16, 16, 16]
+    volume = np.random.default_rng(3).normal(size=(1, 23, 30, 12)).astype(np.float32)  # one axis < patch
+    with torch.no_grad():
+        want = sliding_window_inference(torch.from_numpy(volume)[None], [16, 16, 16], 4, net, 0.25,
+                                        mode="gaussian")[0].numpy()
+    got = segment(model, volume, overlap=0.25, sw_batch_size=4)
+    assert got.shape == want.shape == (3, 23, 30, 12)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
 
 def test_a_network_that_does_not_export_is_a_one_line_error(tmp_path: Path) -> None:
     """MONAI's 3D ResNet pads its shortcuts with zeros shaped by the batch, which the exporter rejects."""

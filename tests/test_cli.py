@@ -127,8 +127,8 @@ def test_app_command_runs_the_app_script_headless() -> None:
 
     cmd = app_command("retrieval", 8600, 20)
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APPS_DIR / "retrieval_app.py")
-    assert ["--server.port", "8600"] == cmd[cmd.index("--server.port"):][:2]
-    assert ["--server.maxUploadSize", "20"] == cmd[cmd.index("--server.maxUploadSize"):][:2]
+    assert cmd[cmd.index("--server.port"):][:2] == ["--server.port", "8600"]
+    assert cmd[cmd.index("--server.maxUploadSize"):][:2] == ["--server.maxUploadSize", "20"]
 
 
 def test_version_prints_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
