@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from apps import uploads
 from apps.runtime import OnnxModel, embed
 from twinview.data.images import list_image_files, load_image
 from twinview.data.market1501 import GALLERY, QUERY, person_record, read_split, split_files
@@ -30,9 +31,7 @@ from twinview.errors import DataError, check_output, display_path, missing_path
 from twinview.index import INDEX_FILE, META_FILE, Hit, IndexFileError, RetrievalIndex, build_index, load_index
 from twinview.retrieval import RetrievalScores, market1501_scores, pairwise_distance
 
-MAX_UPLOAD_ENV = "TWINVIEW_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 20.0
-MB = 1_000_000
 MAX_UPLOAD_PIXELS = 40_000_000
 """A small compressed file can decode to a huge image; person crops are far below this."""
 CACHE_ROOT = Path(tempfile.gettempdir()) / "twinview-galleries"
@@ -78,25 +77,15 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def max_upload_bytes() -> int:
-    """The upload cap: ``$TWINVIEW_MAX_UPLOAD_MB`` megabytes of 10^6 bytes (default 20)."""
-    raw = os.environ.get(MAX_UPLOAD_ENV, "").strip()
-    try:
-        mb = float(raw) if raw else DEFAULT_MAX_UPLOAD_MB
-    except ValueError:
-        mb = -1.0
-    if not mb > 0 or mb == float("inf"):
-        raise DataError(None, f"{MAX_UPLOAD_ENV} must be a positive number of megabytes, got {raw!r}")
-    return int(mb * MB)
+    """This app's upload cap in bytes (default 20 MB)."""
+    return uploads.max_upload_bytes(DEFAULT_MAX_UPLOAD_MB)
 
 
-def decode_upload(data: bytes, name: str = "upload", max_bytes: int | None = None) -> np.ndarray:
+def decode_upload(data: bytes, name: str = "upload") -> np.ndarray:
     """An uploaded PNG or JPEG as (H, W, 3) uint8. The size cap is checked here, since Streamlit's own
     limit is not applied everywhere (tests, other servers); a DataError names the upload for a file over
     the cap, one that is no image or another format, and a corrupt or truncated one."""
-    cap = max_upload_bytes() if max_bytes is None else max_bytes
-    if len(data) > cap:
-        raise DataError(name, f"{len(data) / MB:.3g} MB is over the upload cap of {cap / MB:.3g} MB "
-                              f"({MAX_UPLOAD_ENV})")
+    uploads.check_upload_size(name, len(data), DEFAULT_MAX_UPLOAD_MB)
     if not data:
         raise DataError(name, "empty file: upload a PNG or JPEG image")
     try:
@@ -254,9 +243,9 @@ class Gallery:
         feature = self._query_feats[i] if self._query_feats is not None else self._embed([image])[0]
         return Query(entry.path.name, image, feature, entry.pid, entry.camid)
 
-    def upload(self, data: bytes, name: str = "upload", max_bytes: int | None = None) -> Query:
+    def upload(self, data: bytes, name: str = "upload") -> Query:
         """An uploaded image as a query (no identity); DataError for a bad upload (:func:`decode_upload`)."""
-        image = decode_upload(data, name, max_bytes)
+        image = decode_upload(data, name)
         return Query(name, image, self._embed([image])[0])
 
     def search(self, query: Query, k: int = 10, threshold: float = 0.0) -> SearchResult:

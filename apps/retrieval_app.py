@@ -16,6 +16,7 @@ import streamlit as st
 from apps import gallery as lib
 from apps.gallery import Gallery, Query, SearchResult
 from apps.runtime import OnnxModel
+from apps.uploads import MAX_UPLOAD_ENV, MB
 from twinview.errors import DataError
 
 MODEL_ENV, GALLERY_ENV = "TWINVIEW_RETRIEVAL_MODEL", "TWINVIEW_GALLERY"
@@ -102,7 +103,7 @@ def show_scores(gallery: Gallery) -> None:
 
 def pick_query(gallery: Gallery) -> Query | None:
     """The uploaded image if there is one, else the query picked from the query set."""
-    cap = f"At most {lib.max_upload_bytes() / lib.MB:.3g} MB ({lib.MAX_UPLOAD_ENV})"
+    cap = f"At most {lib.max_upload_bytes() / MB:.3g} MB ({MAX_UPLOAD_ENV})"
     upload = st.sidebar.file_uploader("Upload a person crop (PNG or JPEG)", type=["png", "jpg", "jpeg"],
                                       help=f"{cap}; it replaces the picked query.")
     if upload is not None:

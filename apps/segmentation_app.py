@@ -19,6 +19,7 @@ import streamlit as st
 
 from apps import volumes
 from apps.runtime import OnnxModel
+from apps.uploads import MB
 from twinview.errors import DataError
 
 MODEL_ENV = "TWINVIEW_SEGMENTATION_MODEL"
@@ -131,7 +132,7 @@ def main() -> None:
         return
     try:
         model = open_model(path)
-        cap = volumes.max_upload_bytes() / volumes.MB
+        cap = volumes.max_upload_bytes() / MB
     except DataError as err:
         st.error(str(err))
         return

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import re
 import stat
 import zipfile
@@ -34,14 +33,14 @@ from nibabel.spatialimages import HeaderDataError
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 
+from apps import uploads
 from apps.runtime import OnnxModel, normalise_intensity, segment
+from apps.uploads import MB
 from twinview.data.dicom import SliceHeader, group_series, read_dataset
 from twinview.data.nifti import AFFINE_TOLERANCE
 from twinview.errors import DataError
 
-MAX_UPLOAD_ENV = "TWINVIEW_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 512
-MB = 1_000_000
 UNCOMPRESSED_FACTOR = 4  # a .nii.gz or a zip may unpack to this many times the upload cap, no more
 MAX_ZIP_MEMBERS = 10_000
 UPLOAD_TYPES = ("nii", "nii.gz", "zip", "png", "tif", "tiff")
@@ -128,24 +127,8 @@ class Volume:
 
 
 def max_upload_bytes() -> int:
-    """The upload cap: ``TWINVIEW_MAX_UPLOAD_MB`` megabytes of 10^6 bytes (default 512), read as the
-    retrieval app reads it."""
-    raw = os.environ.get(MAX_UPLOAD_ENV, "").strip()
-    try:
-        mb = float(raw) if raw else DEFAULT_MAX_UPLOAD_MB
-    except ValueError:
-        mb = -1.0
-    if not 0 < mb < float("inf"):
-        raise DataError(None, f"{MAX_UPLOAD_ENV} must be a positive number of megabytes, got {raw!r}")
-    return int(mb * MB)
-
-
-def check_upload_size(name: str, size: int) -> None:
-    """Refuse an upload over the cap (Streamlit's own cap is not enforced everywhere, e.g. in AppTest)."""
-    cap = max_upload_bytes()
-    if size > cap:
-        raise DataError(name, f"{size / MB:.1f} MB is over the upload cap of {cap / MB:g} MB "
-                              f"(set {MAX_UPLOAD_ENV} to change it)")
+    """This app's upload cap in bytes (default 512 MB)."""
+    return uploads.max_upload_bytes(DEFAULT_MAX_UPLOAD_MB)
 
 
 def _max_unpacked() -> int:
@@ -157,7 +140,7 @@ def _max_unpacked() -> int:
 
 def read_upload(name: str, data: bytes, card: Mapping[str, Any]) -> Volume:
     """The upload ``name`` (NIfTI, zipped DICOM series, PNG or TIFF), ready for the model of ``card``."""
-    check_upload_size(name, len(data))
+    uploads.check_upload_size(name, len(data), DEFAULT_MAX_UPLOAD_MB)
     lower = name.lower()
     if lower.endswith((".nii", ".nii.gz")):
         volume = _volume(name, *_read_nifti(name, data), "", card)
@@ -429,7 +412,7 @@ def label_names(card: Mapping[str, Any]) -> dict[int, str]:
 
 def read_label(name: str, data: bytes, volume: Volume, labels: Mapping[int, str]) -> np.ndarray:
     """A ground-truth label file on the upload's grid, in the model's axis order like the mask."""
-    check_upload_size(name, len(data))
+    uploads.check_upload_size(name, len(data), DEFAULT_MAX_UPLOAD_MB)
     if name.lower().endswith((".nii", ".nii.gz")):
         array, affine, _ = _read_nifti(name, data)
         if array.ndim == 4 and array.shape[3] == 1:

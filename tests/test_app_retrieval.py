@@ -205,10 +205,10 @@ def test_bad_uploads_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> Non
         with pytest.raises(DataError, match=reason) as err:
             decode_upload(data, "up.png")
         assert str(err.value).startswith("up.png: ") and "\n" not in str(err.value)
-    monkeypatch.setenv(lib.MAX_UPLOAD_ENV, "0.001")
+    monkeypatch.setenv("TWINVIEW_MAX_UPLOAD_MB", "0.001")
     with pytest.raises(DataError, match=r"over the upload cap of 0.001 MB \(TWINVIEW_MAX_UPLOAD_MB\)"):
         decode_upload(good, "up.png")
-    monkeypatch.setenv(lib.MAX_UPLOAD_ENV, "lots")
+    monkeypatch.setenv("TWINVIEW_MAX_UPLOAD_MB", "lots")
     with pytest.raises(DataError, match="TWINVIEW_MAX_UPLOAD_MB must be a positive number"):
         decode_upload(good, "up.png")
 
@@ -293,7 +293,7 @@ def test_uploads_on_the_page(monkeypatch: pytest.MonkeyPatch, reid: tuple, cache
         at.run()
         assert not at.exception and len(errors(at)) == 1 and errors(at)[0].startswith(f"{name}: ")
         assert reason in errors(at)[0]
-    monkeypatch.setenv(lib.MAX_UPLOAD_ENV, "0.001")  # 1000 bytes
+    monkeypatch.setenv("TWINVIEW_MAX_UPLOAD_MB", "0.001")  # 1000 bytes
     at = app(monkeypatch, reid[1], synth_market)
     at.sidebar.file_uploader[0].set_value(("big.png", good, "image/png"))
     at.run()
