@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "reid_query_latency")
     args = parser.parse_args()
 
+    started = time.perf_counter()
     info = machine()
     results: dict[str, object] = {
         "machine": info, "size": args.size, "dim": args.dim, "k": args.k, "queries": args.queries,
@@ -240,6 +241,7 @@ def main() -> None:
             row, _ = product(gallery[:size], queries, truth, args.k, Path(tmp), size + 1)
             results["exact_sizes"].append({k: v for k, v in row.items() if k != "latencies_ms"})
 
+    results["minutes"] = (time.perf_counter() - started) / 60
     description = (
         f"`twinview.index`: {args.size:,} L2-normalised {args.dim}-d float32 embeddings; {args.queries} "
         f"single-image top-{args.k} queries after {WARMUP} warm-up, each through `RetrievalIndex.search` "
@@ -247,8 +249,8 @@ def main() -> None:
         f"`clustered`: {args.size // args.per_identity:,} identity centres, samples `centre + {args.noise} * "
         f"unit noise`, queries new samples. Recall@{args.k} against exact search. faiss {info['faiss']}, "
         f"numpy {info['numpy']}; `build_index` switches to the approximate index from "
-        f"{tv_index.APPROX_MIN_ROWS:,} rows. Load average at the start: {info['load_average']} "
-        f"(other processes on the machine).{' ' + args.note if args.note else ''}")
+        f"{tv_index.APPROX_MIN_ROWS:,} rows. Load average at the start: {info['load_average']}; the "
+        f"script took {results['minutes']:.1f} min.{' ' + args.note if args.note else ''}")
     lines = [f"# Re-ID query latency ({info['cpu']}, {info['cores']} cores)", "", description, "",
              f"| data | index | parameters | median ms | p99 ms | recall@{args.k} | build s | load s |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -26,7 +26,7 @@ from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-DEMO_OUT = os.environ.get("TWINVIEW_DEMO_OUT")
+DEMO_OUT = os.environ.get("TWINVIEW_DEMO_OUT") and os.path.abspath(os.environ["TWINVIEW_DEMO_OUT"])
 WAIT_S = 180  # the first page load imports onnxruntime and runs the model on 2 busy cores
 
 
