@@ -14,9 +14,10 @@ from PIL import Image
 from conftest import REPO
 from twinview_cli.main import main
 
-SUBCOMMANDS = (["data"], ["data", "inspect"], ["data", "synth"], ["pretrain"], ["views"], ["demo"],
-               ["seg"], ["seg", "train"], ["seg", "predict"], ["seg", "eval"], ["reid"], ["reid", "train"],
-               ["reid", "eval"], ["reid", "index"], ["reid", "query"], ["export"])
+SUBCOMMANDS = (["data"], ["data", "inspect"], ["data", "synth"], ["data", "coco"], ["pretrain"], ["views"],
+               ["demo"], ["seg"], ["seg", "train"], ["seg", "predict"], ["seg", "eval"], ["reid"],
+               ["reid", "train"], ["reid", "eval"], ["reid", "index"], ["reid", "query"], ["export"], ["app"],
+               ["app", "retrieval"], ["app", "segmentation"])
 
 
 def test_help_lists_every_subcommand() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from twinview.errors import TwinviewError, display_path
+from twinview.errors import DataError, TwinviewError, display_path
 from twinview.provenance import twinview_version
 from twinview_cli.launch import DEMO_MODELS
 
@@ -29,6 +29,16 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from twinview.data.synth import generate
 
     print(json.dumps(generate(args.kind, Path(args.out), seed=args.seed, size=args.size), indent=2))
+    return 0
+
+
+def _cmd_coco(args: argparse.Namespace) -> int:
+    from twinview.data.coco import coco_summary, dsb2018_coco, write_coco
+
+    if args.out.suffix.lower() != ".json" or args.out.is_dir():
+        raise DataError(args.out, "the output must be a .json file path")
+    det_set = dsb2018_coco(args.root)
+    print(json.dumps({"out": display_path(write_coco(det_set, args.out)), **coco_summary(det_set)}, indent=2))
     return 0
 
 
@@ -174,15 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"twinview {twinview_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="inspect data sets and generate synthetic ones",
-                          description="Inspect data in the standard layouts; generate synthetic data.")
+    data = sub.add_parser("data", help="inspect and convert data sets, generate synthetic ones",
+                          description="Inspect data in the standard layouts; convert DSB2018 to COCO; "
+                                      "generate synthetic data.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     inspect = data_sub.add_parser(
         "inspect", help="detect the layout, open every file, print a JSON report",
-        description="Detect the layout of PATH (market1501, msd, nifti, dicom, images, dsb2018), open "
+        description="Detect the layout of PATH (market1501, msd, nifti, dicom, images, dsb2018, coco), open "
                     "every file and print one JSON object with counts and problems. Exit code 0 "
                     "without problems, 1 when problems were found, 2 when PATH is no readable layout.")
-    inspect.add_argument("path", type=Path, help="data folder")
+    inspect.add_argument("path", type=Path, help="data folder (or a COCO JSON file)")
     inspect.add_argument("--pretty", action="store_true", help="indent the JSON")
     inspect.set_defaults(func=_cmd_inspect, parser=inspect)
 
@@ -195,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", choices=("small", "medium"), default="small")
     synth.set_defaults(func=_cmd_synth, parser=synth)
+
+    coco_cmd = data_sub.add_parser(
+        "coco", help="convert DSB2018 nuclei masks to a COCO detection JSON",
+        description="Write one box per nucleus mask of the DSB2018 samples in ROOT as a COCO JSON "
+                    "(category 1 'nucleus'; file names relative to the JSON's folder) and print a summary.")
+    coco_cmd.add_argument("root", type=Path, help="DSB2018 folder")
+    coco_cmd.add_argument("--out", required=True, type=Path, help="output .json file")
+    coco_cmd.set_defaults(func=_cmd_coco, parser=coco_cmd)
 
     pre = sub.add_parser(
         "pretrain", help="contrastive pretraining (SimCLR, MoCo v2, BYOL, SimSiam) on unlabelled data",

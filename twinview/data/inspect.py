@@ -16,6 +16,11 @@ dataset.json) raises DataError. Counts cover the files that read cleanly. Keys p
 - dicom: ``series``, ``slices``, ``modalities``, ``series_details`` (folder, modality, shape, spacing)
 - images: ``images``, ``size_min``, ``size_max`` (``[height, width]``), ``channels``, ``bit_depths``
 - dsb2018: ``images``, ``instances``, ``unlabelled``, ``size_min``, ``size_max``
+- coco (a COCO JSON file, or a folder holding exactly one at its top): ``file``, ``image_root`` and
+  :func:`~twinview.data.coco.coco_summary`'s keys (``images``, ``boxes``, ``boxes_per_image``,
+  ``categories``, ``box_size``, ``clipped``, ``dropped``, ``images_without_boxes``). Missing or unreadable
+  image files and images whose size differs from the JSON's are problems; clipped and dropped boxes are
+  only counted. A JSON that cannot be read as COCO at all raises.
 
 ``spacing`` is ``{"min", "max", "median"}``, each a list of three voxel sizes in mm, per axis; shapes
 and sizes are elementwise minima and maxima. Volume shapes keep every axis: with any 4D volume (channels
@@ -36,14 +41,14 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from twinview.data import dicom, dsb2018, images, market1501, msd, nifti
+from twinview.data import coco, dicom, dsb2018, images, market1501, msd, nifti
 from twinview.data.records import VolumeRecord
 from twinview.errors import DataError, display_path, missing_path
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
 Report = dict[str, Any]
-FORMATS = ("market1501", "msd", "nifti", "dicom", "images", "dsb2018")
+FORMATS = ("market1501", "msd", "nifti", "dicom", "images", "dsb2018", "coco")
 
 
 def detect_format(path: PathLike) -> str:
@@ -61,6 +66,8 @@ def detect_format(path: PathLike) -> str:
         return "market1501"
     if dsb2018.is_dsb2018(path):
         return "dsb2018"
+    if coco.coco_files(path):
+        return "coco"
     if nifti.nifti_files(path):
         return "nifti"
     files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -69,7 +76,7 @@ def detect_format(path: PathLike) -> str:
     if any(images.is_image(p) for p in files):
         return "images"
     raise DataError(
-        path, "unknown layout: not MSD, Market-1501 or DSB2018, and no NIfTI, DICOM or image files"
+        path, "unknown layout: not MSD, Market-1501, DSB2018 or COCO, and no NIfTI, DICOM or image files"
     )
 
 
@@ -91,7 +98,9 @@ def _file_format(path: Path) -> str:
         return "images"
     if dicom.is_dicom(path):
         return "dicom"
-    raise DataError(path, "unknown file type: not NIfTI, DICOM or a PNG/JPEG/TIFF image")
+    if coco.is_coco_json(path):
+        return "coco"
+    raise DataError(path, "unknown file type: not NIfTI, DICOM, a PNG/JPEG/TIFF image or a COCO JSON")
 
 
 def inspect_path(path: PathLike) -> Report:
@@ -366,6 +375,32 @@ def _inspect_dsb2018(root: Path) -> Report:
     }
 
 
+def _inspect_coco(path: Path) -> Report:
+    if path.is_dir():
+        files = coco.coco_files(path)
+        if len(files) > 1:
+            names = ", ".join(p.name for p in files)
+            raise DataError(path, f"{len(files)} COCO files ({names}); inspect one of them")
+        path = files[0]
+    scanned, root, missing = coco.scan_coco(path)
+    problems = [_problem(p, "image file missing") for p in missing]
+    readable = []
+    for image in _progress(scanned.images, "images"):
+        try:
+            height, width = images.load_image(image.path).shape[:2]
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        if (height, width) != (image.height, image.width):
+            problems.append(_problem(image.path, f"image is {height}x{width} (height x width), the JSON says "
+                                                 f"{image.height}x{image.width}"))
+            continue
+        readable.append(image)
+    det_set = coco.DetSet(readable, scanned.categories, path, scanned.clipped, scanned.dropped)
+    return {"file": display_path(path), "image_root": display_path(root), **coco.coco_summary(det_set),
+            "problems": problems}
+
+
 _INSPECTORS: dict[str, Callable[[Path], Report]] = {
     "market1501": _inspect_market,
     "msd": _inspect_msd,
@@ -373,4 +408,5 @@ _INSPECTORS: dict[str, Callable[[Path], Report]] = {
     "dicom": _inspect_dicom,
     "images": _inspect_images,
     "dsb2018": _inspect_dsb2018,
+    "coco": _inspect_coco,
 }
