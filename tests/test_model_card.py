@@ -156,7 +156,7 @@ def test_cross_field_rules_name_the_key(task: str, change: Callable[[dict[str, A
     ("reid", _set("spatial_dims", 4), "spatial_dims:"),
     ("reid", _set("input_size", [256, 0]), "input_size[1]:"),
     ("reid", _set("input_size", None), "input_size: None is not of type 'array' (required for reid)"),
-    ("reid", _set("task", "detection"), "task:"),
+    ("reid", _set("task", "classification"), "task:"),
     ("reid", _set("schema", "twinview-model-card/2"), "schema:"),
     ("reid", _set("pretraining_method", "dino"), "pretraining_method:"),
     ("reid", _set("weights.sha256", "ABC"), "weights.sha256:"),

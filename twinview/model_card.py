@@ -306,10 +306,12 @@ def card_from_metadata(payload_meta: dict[str, Any], kind: str, weights_file: st
     """A valid card from the metadata dict inside a ``.pt`` file, in the card's vocabulary or the older
     one (run folders from before model cards).
 
-    ``kind``: ``"encoder"`` (``encoder_config`` of ``encoder.pt``), ``"segmentation"`` or ``"reid"``
-    (``model_config`` of ``model.pt``). ``source`` (the ``.pt`` file) is named in any DataError.
+    ``kind``: ``"encoder"`` (``encoder_config`` of ``encoder.pt``), ``"segmentation"``, ``"reid"`` or
+    ``"detection"`` (``model_config`` of ``model.pt``). ``source`` (the ``.pt`` file) is named in any
+    DataError.
     """
-    builders = {"encoder": _encoder_card, "segmentation": _segmentation_card, "reid": _reid_card}
+    builders = {"encoder": _encoder_card, "segmentation": _segmentation_card, "reid": _reid_card,
+                "detection": _detection_card}
     if kind not in builders:
         raise ValueError(f"kind must be one of {sorted(builders)}, got {kind!r}")
     try:
@@ -400,6 +402,33 @@ def _reid_card(m: Mapping[str, Any]) -> dict[str, Any]:
             "pretraining_method": m.get("pretraining_method"),
             # old re-ID runs trained on Market-1501 only (downstream.reid.train.run_reid)
             "data": m.get("data") or {"name": "Market-1501", "kind": "market1501", "modality": "photo"}}
+
+
+def _detection_card(m: Mapping[str, Any]) -> dict[str, Any]:
+    """A detector (``downstream.det.train.model_metadata``): whole images in, boxes of categories out."""
+    channels = int(m["in_channels"])
+    resize = "pad_to_32" if m["min_size"] is None else "shorter_side_within_max_then_pad_to_32"
+    policy = "RGB: alpha dropped, grey repeated" if channels == 3 else "grey: RGB averaged, alpha dropped"
+    return {**_base("detection"),
+            "architecture": {"name": m["arch"], "encoder": m["encoder"], "norm": m["norm"],
+                             "anchor_sizes": [int(s) for s in m["anchor_sizes"]],
+                             "aspect_ratios": [float(r) for r in m["aspect_ratios"]],
+                             "min_size": m["min_size"], "max_size": int(m["max_size"]),
+                             "num_classes": len(m["category_ids"]),
+                             "category_ids": [int(c) for c in m["category_ids"]],
+                             "score_thresh": float(m["score_thresh"]),
+                             "detections_per_img": int(m["detections_per_img"])},
+            "spatial_dims": 2, "in_channels": channels,
+            "input_size": None, "patch_size": None,  # whole images in (training crops are no window)
+            "preprocessing": {"intensity": {"kind": "mean_std", "mean": [float(v) for v in m["image_mean"]],
+                                            "std": [float(v) for v in m["image_std"]],
+                                            "max_value": float(m["max_value"])},
+                              "resize": resize, "orientation": "", "spacing": None, "slice_axis": None,
+                              "channel_policy": policy},
+            "labels": {str(k): str(v) for k, v in m["labels"].items()},
+            "embedding_size": None, "pretraining_method": m.get("pretraining_method"),
+            "data": {"name": m["data_name"], "kind": m["kind"],
+                     "modality": "microscopy" if m["kind"] == "dsb2018" else "image"}}
 
 
 def read_onnx_card(path: Path) -> dict[str, Any]:

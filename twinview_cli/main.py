@@ -103,6 +103,37 @@ def _cmd_seg_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_det_train(args: argparse.Namespace) -> int:
+    from downstream.det.config import DetConfig
+    from twinview.config import run_config
+
+    cfg = run_config(DetConfig, args.config, args.resume, args.set)
+    if args.print_config:
+        return _print_config(cfg)
+    from downstream.det.train import run_detection
+
+    result = run_detection(cfg, resume=args.resume)
+    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "final_loss": result.final_loss,
+                      "model": str(result.model_path), "test": result.test}, indent=2))
+    return 0
+
+
+def _cmd_det_eval(args: argparse.Namespace) -> int:
+    from downstream.det.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run, args.out, data=args.data, split=args.split, device=args.device)
+    print(json.dumps({**metrics, "eval": str(args.out / "eval.json")}, indent=2))
+    return 0
+
+
+def _cmd_det_predict(args: argparse.Namespace) -> int:
+    from downstream.det.predict import predict
+
+    print(json.dumps(predict(args.run, args.images, args.out, device=args.device, draw_score=args.min_score),
+                     indent=2))
+    return 0
+
+
 def _cmd_reid_train(args: argparse.Namespace) -> int:
     from downstream.reid.config import ReIDConfig
     from twinview.config import run_config
@@ -286,6 +317,48 @@ def build_parser() -> argparse.ArgumentParser:
     seg_eval.add_argument("--split", default="test", choices=("test", "val", "train", "all"))
     seg_eval.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     seg_eval.set_defaults(func=_cmd_seg_eval, parser=seg_eval)
+
+    det = sub.add_parser("det", help="object detection: fine-tune, evaluate, predict",
+                         description="Object detection (Faster R-CNN or RetinaNet) on a pretrained encoder.")
+    det_sub = det.add_subparsers(dest="det_command", required=True, metavar="ACTION")
+    det_train = det_sub.add_parser(
+        "train", help="fine-tune a detector and evaluate it on the held-out test images",
+        description="Train on a seeded subset of the labelled images (data.label_fraction), keep best.pt by "
+                    "val AP50, then evaluate on the fixed test split. The run folder holds config.yaml, "
+                    "split.json, checkpoints, metrics.csv, loss_curve.png, model.pt, model.json, eval.json "
+                    "and results.json.")
+    det_train.add_argument("--config", type=Path, help="YAML file, e.g. configs/det/nuclei.yaml")
+    det_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value, e.g. --set model.encoder_weights=runs/pre "
+                                "(repeatable)")
+    det_train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    det_train.add_argument("--print-config", action="store_true",
+                           help="print the resolved config (file, --set, resumed run) and exit")
+    det_train.set_defaults(func=_cmd_det_train, parser=det_train)
+    det_eval = det_sub.add_parser(
+        "eval", help="COCO AP, AP50, AP75, AP_small on a run's test images or on other labelled data",
+        description="Evaluate RUN (a run folder, its model.pt or best.pt) with pycocotools on its own split "
+                    "(--split, default test) or on all images of --data (a COCO JSON file or a DSB2018 "
+                    "folder). Writes eval.json and results.json (COCO results).")
+    det_eval.add_argument("run", type=Path, metavar="RUN")
+    det_eval.add_argument("--data", help="labelled data (default: the run's own)")
+    det_eval.add_argument("--split", choices=("test", "val", "train", "all"),
+                          help="images to evaluate (default: test, or all of --data)")
+    det_eval.add_argument("--out", type=Path, required=True)
+    det_eval.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    det_eval.set_defaults(func=_cmd_det_eval, parser=det_eval)
+    det_pred = det_sub.add_parser(
+        "predict", help="detect in images: COCO results JSON and PNGs with the boxes drawn",
+        description="Detect in IMAGES (an image, a folder of images, or a COCO JSON file whose true boxes "
+                    "are drawn too) with RUN into OUT: results.json (COCO results), images.json and "
+                    "boxes/<image>.png.")
+    det_pred.add_argument("run", type=Path, metavar="RUN")
+    det_pred.add_argument("images", type=Path, metavar="IMAGES")
+    det_pred.add_argument("--out", type=Path, required=True, metavar="DIR")
+    det_pred.add_argument("--min-score", type=float, default=0.5,
+                          help="draw detections scoring at least this (results.json keeps all)")
+    det_pred.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    det_pred.set_defaults(func=_cmd_det_predict, parser=det_pred)
 
     reid = sub.add_parser("reid", help="person re-ID: train, evaluate, index a gallery, query it",
                           description="Person re-identification on a pretrained encoder (strong baseline).")
