@@ -73,17 +73,36 @@ def finetune_reid(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]
     return json.loads((run_dir / "eval.json").read_text())
 
 
-def label_efficiency(seg_config: Path, work: Path, encoder_dir: Path,
+def finetune_det(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """A detection run's ``summary.json`` (test AP, AP50, AP75, AP small; training images and time),
+    trained and scored unless it was."""
+    from downstream.det.config import DetConfig
+    from downstream.det.train import run_detection
+
+    cfg = load_config(DetConfig, config_file, overrides)
+    run_dir = Path(cfg.out_dir)
+    run = _existing(run_dir, "model.pt", to_dict(cfg))
+    summary = run_dir / "summary.json"
+    if run is None or not summary.exists():
+        started = time.perf_counter()
+        run_detection(cfg, resume=run.path if run is not None else None)
+        scores = json.loads((run_dir / "eval.json").read_text())
+        summary.write_text(json.dumps({**scores, "seconds": time.perf_counter() - started}, indent=2) + "\n")
+    return json.loads(summary.read_text())
+
+
+def label_efficiency(config: Path, work: Path, encoder_dir: Path,
                      plan: Iterable[tuple[float, int, Sequence[str]]], common: Sequence[str],
-                     arms: Sequence[str] = ARMS) -> list[dict[str, Any]]:
-    """Fine-tune every ``(label fraction, seed, overrides)`` of ``plan`` from each of ``arms`` into
-    ``work/runs/<arm>_f<fraction>_s<seed>``; the same seed draws the same labelled subset for both
-    starts. Returns one row per run: arm, fraction, seed and the run's summary."""
+                     arms: Sequence[str] = ARMS, finetune: Any = finetune_seg) -> list[dict[str, Any]]:
+    """Fine-tune (``finetune_seg`` or ``finetune_det`` with ``config``) every ``(label fraction, seed,
+    overrides)`` of ``plan`` from each of ``arms`` into ``work/runs/<arm>_f<fraction>_s<seed>``; the same
+    seed draws the same labelled subset for both starts. Returns one row per run: arm, fraction, seed and
+    the run's summary."""
     rows = []
     for fraction, seed, extra in plan:
         for arm in arms:
             run_dir = work / "runs" / f"{arm}_f{fraction:g}_s{seed}"
-            summary = finetune_seg(seg_config, [
+            summary = finetune(config, [
                 *common, f"out_dir={run_dir}", f"data.label_fraction={fraction}", f"train.seed={seed}",
                 f"model.encoder_weights={encoder_dir if arm == 'pretrained' else ''}", *extra])
             rows.append({"arm": arm, "fraction": fraction, "seed": seed, "run_dir": str(run_dir), **summary})

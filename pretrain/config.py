@@ -27,7 +27,7 @@ class DataConfig:
     channels: PositiveInt = 3
     workers: NonNegativeInt = 0
     slice_axis: Axis = 2  # for msd_slices: the axis slices are taken along
-    exclude_cases: list[str] = field(default_factory=list)  # MSD case ids left out (a held-out test split)
+    exclude_cases: list[str] = field(default_factory=list)  # MSD case / DSB2018 sample ids held out
 
 
 @dataclass

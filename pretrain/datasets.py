@@ -88,7 +88,7 @@ def load_samples(cfg: DataConfig) -> Samples:
     if kind == "dsb2018":
         from twinview.data.dsb2018 import read_dsb2018
 
-        recs = read_dsb2018(root)
+        recs = [r for r in read_dsb2018(root) if r.sample_id not in set(cfg.exclude_cases)]
         return Samples([_image_loader(r.image) for r in recs], [r.sample_id for r in recs])
     from twinview.data.images import read_image_folder
 
