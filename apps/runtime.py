@@ -3,7 +3,8 @@
 :class:`OnnxModel` opens a file written by ``twinview export`` and reads its card;
 :func:`embed` turns person crops into L2-normalised embeddings (re-ID models and pretrained encoders);
 :func:`segment` turns a preprocessed image or volume into class logits by Gaussian-weighted sliding
-windows (a 2D model on a volume runs slice by slice). The sliding windows are our own numpy code
+windows (a 2D model on a volume runs slice by slice); :func:`detect` turns an image as read into boxes,
+category ids and scores. The sliding windows are our own numpy code
 because MONAI's inferer needs torch; they follow MONAI's ``sliding_window_inference`` (same window
 starts, padding, Gaussian weights with sigma = 0.125 x window), and a test holds them to it.
 """
@@ -165,3 +166,42 @@ def segment(model: OnnxModel, image: np.ndarray, overlap: float = 0.25,
                               f"{image.shape}")
     slices = np.moveaxis(image, axis + 1, 0)  # (S, C, a, b)
     return np.moveaxis(sliding_window(slices, window, model, overlap, sw_batch_size), 0, axis + 1)
+
+
+def detection_pixels(model: OnnxModel, image: np.ndarray) -> np.ndarray:
+    """An image as read, (H, W) or (H, W, C) with C = 1 or 3 (2 or 4: alpha, dropped), as the detector's
+    input (in_channels, H, W) float32 in [0, 1], as training read it: grey repeated to RGB or RGB averaged
+    to grey, then divided by the card's ``max_value`` and clipped."""
+    channels = model.card["in_channels"]
+    x = np.asarray(image)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[2] not in (1, 2, 3, 4) or min(x.shape[:2]) < 1:
+        raise DataError(None, f"a 2D image (H, W) or (H, W, C) with 1 or 3 channels is needed, got shape "
+                              f"{x.shape}")
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise DataError(None, f"pixel type {x.dtype} is not a real number")
+    x = x[..., : 1 if x.shape[2] < 3 else 3].astype(np.float32)  # alpha dropped
+    if x.shape[2] != channels:
+        x = np.repeat(x, 3, axis=2) if channels == 3 else x.mean(axis=2, keepdims=True)
+    max_value = np.float32(model.card["preprocessing"]["intensity"]["max_value"])
+    return np.ascontiguousarray(np.moveaxis(np.clip(x / max_value, 0.0, 1.0), -1, 0))
+
+
+def detect(model: OnnxModel, image: np.ndarray, score_threshold: float = 0.0
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes (N, 4) float32 xyxy in the image's pixels, labels (N,) int64 as the card's category ids and
+    scores (N,) float32, highest first, of the detections scoring at least ``score_threshold``; ``image``
+    as read, (H, W) or (H, W, C) (see :func:`detection_pixels`)."""
+    if model.task != "detection":
+        raise DataError(model.path, f"a {model.task} model does not detect; export a detection run")
+    pixels = detection_pixels(model, image)
+    names = [o.name for o in model.session.get_outputs()]
+    found = dict(zip(names, model.session.run(None, {model.input_name: pixels}), strict=True))
+    boxes = np.asarray(found["boxes"], np.float32).reshape(-1, 4)
+    scores = np.asarray(found["scores"], np.float32).reshape(-1)
+    ids = np.asarray(model.card["architecture"]["category_ids"], np.int64)
+    labels = np.asarray(found["labels"], np.int64).reshape(-1)
+    # RetinaNet scores the background (label 0) like a category; a trained one scores it near 0
+    keep = (scores >= score_threshold) & (labels >= 1) & (labels <= len(ids))
+    return boxes[keep], ids[labels[keep] - 1], scores[keep]

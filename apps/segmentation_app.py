@@ -3,6 +3,9 @@
 Run ``twinview app segmentation --model model.onnx`` (or ``streamlit run apps/segmentation_app.py`` with
 ``TWINVIEW_SEGMENTATION_MODEL`` set). CPU only, onnxruntime and numpy: no torch. Every mistake a user can
 make (no model, a foreign model, a bad upload) is a one-line error on the page, never a traceback.
+
+An exported detection model works here too: a PNG or TIFF upload is shown with the boxes scoring at least
+the sidebar's score threshold drawn in, and the count of those objects per category.
 """
 
 from __future__ import annotations
@@ -35,16 +38,16 @@ def load_model(path: str, stamp: tuple[int, int]) -> OnnxModel:
 
 
 def open_model(path: str) -> OnnxModel:
-    """The segmentation model at ``path``; a DataError when it is missing, foreign or not a segmenter."""
+    """The segmentation or detection model at ``path``; a DataError when it is missing, foreign or neither."""
     file = Path(path).expanduser()
     try:
         info = file.stat()
     except OSError:
         raise DataError(file, "no such ONNX file") from None
     model = load_model(str(file.resolve()), (info.st_mtime_ns, info.st_size))
-    if model.task != "segmentation":
-        raise DataError(file, f"a {model.task} model; this app needs a segmentation model "
-                              "(`twinview export` a segmentation run)")
+    if model.task not in ("segmentation", "detection"):
+        raise DataError(file, f"a {model.task} model; this app needs a segmentation or detection model "
+                              "(`twinview export` a segmentation or detection run)")
     return model
 
 
@@ -64,6 +67,37 @@ def segmented(model: OnnxModel, name: str, data: bytes) -> dict[str, Any]:
                 "png": volumes.mask_png_bytes(mask) if volume.is_2d else None}
         st.session_state["segmentation"] = held
     return held
+
+
+def detected(model: OnnxModel, name: str, data: bytes) -> dict[str, Any]:
+    """The upload read and its detections (all scores), kept in the session per upload and model so that
+    moving the score slider does not run the model again."""
+    key = (str(model.path), hashlib.sha256(data).hexdigest(), name)
+    held = st.session_state.get("detection")
+    if held is None or held["key"] != key:
+        st.session_state.pop("detection", None)
+        image = volumes.read_detection_upload(name, data)
+        with st.spinner("Detecting..."):
+            found = volumes.detect_image(model, image)
+        held = {"key": key, "name": name, "image": image, "found": found}
+        st.session_state["detection"] = held
+    return held
+
+
+def show_detections(model: OnnxModel, result: dict[str, Any]) -> None:
+    card, found = model.card, result["found"]
+    min_score = st.sidebar.slider("Score threshold", 0.0, 1.0, 0.5, 0.05)
+    counts = volumes.detection_counts(found, min_score, card)
+    total = sum(counts.values())
+    each = f" ({', '.join(f'{n} {html.escape(k)}' for k, n in counts.items())})" if len(counts) > 1 else ""
+    st.markdown(f"**{total}** object{'s' if total != 1 else ''} detected with score ≥ {min_score:.2f}{each}")
+    names = volumes.category_names(card)
+    st.markdown(legend({k: names[c] for k, c in enumerate(names, start=1)}), unsafe_allow_html=True)
+    st.image(volumes.draw_detections(result["image"], found, min_score, card),
+             caption=f"{total} of {len(found['scores'])} detections", width="stretch")
+    stem = volumes.upload_stem(result["name"])
+    st.download_button("Download the detections (.json)", volumes.detections_json(found, min_score, card),
+                       file_name=f"{stem}_detections.json", mime="application/json")
 
 
 def legend(labels: dict[int, str]) -> str:
@@ -140,6 +174,19 @@ def main() -> None:
     data = card["data"]
     st.sidebar.caption(f"{data['name']} ({data['modality']}), {card['spatial_dims']}D, "
                        f"{card['in_channels']} channel(s)")
+    if model.task == "detection":
+        upload = st.file_uploader("Image: PNG or TIFF (the model detects in 2D images)",
+                                  type=list(volumes.UPLOAD_TYPES), max_upload_size=math.ceil(cap))
+        if upload is None:
+            st.caption(f"Uploads up to {cap:g} MB. Nothing is written to disk.")
+            return
+        try:
+            show_detections(model, detected(model, upload.name, upload.getvalue()))
+        except DataError as err:
+            st.error(str(err))
+        except MemoryError:
+            st.error(f"{upload.name}: too large to detect in this machine's memory")
+        return
     upload = st.file_uploader("Image: NIfTI, zipped DICOM series, PNG or TIFF",
                               type=list(volumes.UPLOAD_TYPES), max_upload_size=math.ceil(cap))
     label_file = st.file_uploader("Optional label file of the same image, for Dice",

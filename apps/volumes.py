@@ -1,5 +1,8 @@
 """Uploads for the segmentation app: read from memory, checked against the model card, segmented, shown.
 
+A detection model takes a PNG or TIFF as stored (:func:`read_detection_upload`); its boxes are drawn in
+numpy (:func:`draw_detections`).
+
 :func:`read_upload` turns an uploaded file (name and bytes) into a :class:`Volume` the way training read
 its cases (``downstream.seg.data``): a 3D NIfTI is one channel, a 4D one holds its channels on the last
 axis, DICOM pixels get RescaleSlope/Intercept, and volumes are reoriented to the card's axis codes (the
@@ -34,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 
 from apps import uploads
-from apps.runtime import OnnxModel, normalise_intensity, segment
+from apps.runtime import OnnxModel, detect, normalise_intensity, segment
 from apps.uploads import MB
 from twinview.data.dicom import SliceHeader, group_series, read_dataset
 from twinview.data.nifti import AFFINE_TOLERANCE
@@ -211,6 +214,18 @@ def _volume(name: str, array: np.ndarray, affine: np.ndarray, header: nib.Nifti1
 
 def _read_picture(name: str, data: bytes, card: Mapping[str, Any]) -> Volume:
     """A PNG or TIFF as one 2D image (C, H, W): grey, 16-bit grey or RGB (alpha dropped)."""
+    image = _picture_array(name, data)
+    if image.shape[0] == 3 and card["in_channels"] == 1 and np.array_equal(image[0], image[1]) \
+            and np.array_equal(image[0], image[2]):
+        image = image[:1]  # an RGB file of a grey picture
+    if image.shape[0] == 1 and card["in_channels"] == 3:
+        image = np.repeat(image, 3, axis=0)  # as training repeated grey (channel_policy)
+    return Volume(name, image.astype(np.float32), (1.0, 1.0), "", np.eye(4), None, None)
+
+
+def _picture_array(name: str, data: bytes) -> np.ndarray:
+    """The pixels of a PNG or TIFF as stored, (C, H, W): grey or 16-bit grey (C = 1), or RGB (C = 3, alpha
+    dropped)."""
     try:
         with Image.open(io.BytesIO(data)) as picture:
             if getattr(picture, "n_frames", 1) > 1:
@@ -226,13 +241,7 @@ def _read_picture(name: str, data: bytes, card: Mapping[str, Any]) -> Volume:
         raise DataError(name, "not a readable PNG or TIFF image") from None
     except _IMAGE_ERRORS as exc:
         raise DataError(name, f"truncated or corrupt image ({exc})") from None
-    image = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-    if image.shape[0] == 3 and card["in_channels"] == 1 and np.array_equal(image[0], image[1]) \
-            and np.array_equal(image[0], image[2]):
-        image = image[:1]  # an RGB file of a grey picture
-    if image.shape[0] == 1 and card["in_channels"] == 3:
-        image = np.repeat(image, 3, axis=0)  # as training repeated grey (channel_policy)
-    return Volume(name, image.astype(np.float32), (1.0, 1.0), "", np.eye(4), None, None)
+    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
 
 
 def _read_dicom_zip(name: str, data: bytes, card: Mapping[str, Any]) -> Volume:
@@ -499,6 +508,86 @@ def mask_png_bytes(mask: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)).save(out, "PNG")
     return out.getvalue()
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def read_detection_upload(name: str, data: bytes) -> np.ndarray:
+    """A PNG or TIFF upload for a detection model, as stored: (H, W, C), C = 1 (grey) or 3 (RGB)."""
+    uploads.check_upload_size(name, len(data), DEFAULT_MAX_UPLOAD_MB)
+    lower = name.lower()
+    if lower.endswith((".nii", ".nii.gz", ".zip")):
+        raise DataError(name, "a volume; the model detects in 2D images only: upload a PNG or TIFF")
+    if not lower.endswith((".png", ".tif", ".tiff")):
+        raise DataError(name, "not a supported upload: the model detects in PNG or TIFF images")
+    return np.moveaxis(_picture_array(name, data), 0, -1)
+
+
+def detect_image(model: OnnxModel, image: np.ndarray) -> dict[str, np.ndarray]:
+    """All the detections of ``model`` in ``image`` (as :func:`read_detection_upload` gives it): boxes,
+    labels (category ids) and scores, highest first."""
+    boxes, labels, scores = detect(model, image)
+    return {"boxes": boxes, "labels": labels, "scores": scores}
+
+
+def category_names(card: Mapping[str, Any]) -> dict[int, str]:
+    """A detection card's category ids to names (label k is category ``category_ids[k - 1]``)."""
+    return {int(c): card["labels"].get(str(k), str(c))
+            for k, c in enumerate(card["architecture"]["category_ids"], start=1)}
+
+
+def category_colour(card: Mapping[str, Any], category: int) -> tuple[int, int, int]:
+    """The box colour of a category: its label's colour in the palette."""
+    return label_colour(card["architecture"]["category_ids"].index(int(category)) + 1)
+
+
+def detection_counts(found: Mapping[str, np.ndarray], min_score: float,
+                     card: Mapping[str, Any]) -> dict[str, int]:
+    """How many detections of each category score at least ``min_score``."""
+    kept = found["labels"][found["scores"] >= min_score]
+    return {name: int((kept == c).sum()) for c, name in category_names(card).items()}
+
+
+def draw_detections(image: np.ndarray, found: Mapping[str, np.ndarray], min_score: float,
+                    card: Mapping[str, Any]) -> np.ndarray:
+    """The image (H, W, C) as RGB uint8, scaled as the model saw it (divided by ``max_value``), with the
+    boxes of the detections scoring at least ``min_score`` outlined in their category's colour."""
+    max_value = float(card["preprocessing"]["intensity"]["max_value"])
+    pixels = np.clip(np.asarray(image, dtype=np.float32) / max_value, 0.0, 1.0) * 255.0
+    out = np.ascontiguousarray(np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[..., :3])
+    out = np.round(out).astype(np.uint8)
+    height, width = out.shape[:2]
+    pen = max(1, round(min(height, width) / 400))  # line width: 1 px, thicker on large images
+    keep = found["scores"] >= min_score
+    for box, category in zip(found["boxes"][keep], found["labels"][keep], strict=True):
+        x0, x1 = _pixel_span(box[0], box[2], width)
+        y0, y1 = _pixel_span(box[1], box[3], height)
+        colour = np.array(category_colour(card, int(category)), np.uint8)
+        out[y0:min(y0 + pen, y1 + 1), x0:x1 + 1] = colour
+        out[max(y1 - pen + 1, y0):y1 + 1, x0:x1 + 1] = colour
+        out[y0:y1 + 1, x0:min(x0 + pen, x1 + 1)] = colour
+        out[y0:y1 + 1, max(x1 - pen + 1, x0):x1 + 1] = colour
+    return out
+
+
+def _pixel_span(low: float, high: float, size: int) -> tuple[int, int]:
+    """The first and last pixel a box edge pair covers along an axis of ``size`` pixels, inside it."""
+    first = int(np.clip(np.floor(low), 0, size - 1))
+    return first, max(first, int(np.clip(np.ceil(high) - 1, 0, size - 1)))
+
+
+def detections_json(found: Mapping[str, np.ndarray], min_score: float, card: Mapping[str, Any]) -> bytes:
+    """The detections scoring at least ``min_score`` as JSON: category id and name, box xyxy, score."""
+    import json
+
+    names = category_names(card)
+    keep = found["scores"] >= min_score
+    rows = [{"category_id": int(c), "category": names.get(int(c), str(c)),
+             "box_xyxy": [round(float(v), 2) for v in box], "score": round(float(s), 4)}
+            for box, c, s in zip(found["boxes"][keep], found["labels"][keep], found["scores"][keep],
+                                 strict=True)]
+    return (json.dumps(rows, indent=1) + "\n").encode()
 
 
 # --------------------------------------------------------------------------- display

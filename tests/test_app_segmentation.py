@@ -400,3 +400,97 @@ def test_a_missing_foreign_or_unreadable_model_is_an_error_on_the_page(
         at = app(monkeypatch, path)
         assert len(at.error) == 1 and at.error[0].value.startswith(f"{path}: {reason}"), at.error
         assert "\n" not in at.error[0].value and not at.file_uploader
+
+
+# --------------------------------------------------------------------------- detection models
+
+
+@pytest.fixture(scope="module")
+def det_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_export's tiny untrained Faster R-CNN (categories 3 and 7) exported to ONNX."""
+    from test_export import save_tiny_detector
+
+    from downstream.export import export_run
+
+    folder = tmp_path_factory.mktemp("detapp")
+    save_tiny_detector(folder / "run")
+    return export_run(folder / "run", folder / "det.onnx").path
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_boxes_are_drawn_in_their_category_colour_on_the_image_as_the_model_saw_it(det_path: Path) -> None:
+    card = OnnxModel(det_path).card
+    image = np.full((20, 30, 1), 51, np.uint8)  # grey: repeated to RGB, 51 / 255 -> 51
+    found = {"boxes": np.array([[2.0, 3.0, 10.0, 8.0], [0.0, 0.0, 40.0, 40.0]], np.float32),
+             "labels": np.array([7, 3]), "scores": np.array([0.9, 0.2], np.float32)}
+    drawn = volumes.draw_detections(image, found, 0.5, card)
+    colour = volumes.category_colour(card, 7)
+    assert drawn.shape == (20, 30, 3) and drawn.dtype == np.uint8 and colour == volumes.label_colour(2)
+    outline = np.zeros((20, 30), bool)
+    outline[3:8, 2:10] = True
+    outline[4:7, 3:9] = False  # a 1-pixel outline of pixels 2..9 x 3..7
+    assert (drawn[outline] == colour).all() and (drawn[~outline] == 51).all()  # the 0.2 box is not drawn
+    assert volumes.detection_counts(found, 0.1, card) == {"cell": 1, "debris": 1}
+    assert volumes.category_names(card) == {3: "cell", 7: "debris"}
+    with pytest.raises(DataError, match=r"^scan.nii.gz: a volume; the model detects in 2D images only"):
+        volumes.read_detection_upload("scan.nii.gz", nifti(scan()))
+
+
+def test_the_page_draws_detections_and_counts_those_above_the_score_slider(
+        det_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from apps.runtime import detect
+
+    pixels = np.random.default_rng(6).integers(0, 256, (60, 75, 3), dtype=np.uint8)
+    scores = detect(OnnxModel(det_path), pixels)[2]
+    at = app(monkeypatch, det_path)
+    assert len(at.file_uploader) == 1  # no label file for Dice
+    at.file_uploader[0].upload("cells.png", png(pixels))
+    at.run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    assert [s.label for s in at.slider] == ["Score threshold"] and at.slider[0].value == 0.5
+    assert len(at.image) == 1 and [b.label for b in at.get("download_button")] == [
+        "Download the detections (.json)"]
+
+    def shown() -> int:
+        text = next(m.value for m in at.markdown if "detected with score" in m.value)
+        return int(text.split("**")[1])
+
+    counts = {}
+    for threshold in (0.5, 0.05, 0.95):
+        at.slider[0].set_value(threshold).run()
+        assert not at.exception and not at.error
+        counts[threshold] = shown()
+        assert counts[threshold] == int((scores >= threshold).sum()), threshold
+    assert counts[0.05] > counts[0.95] and counts[0.05] > 0
+    held = at.session_state["detection"]["found"]
+    at.slider[0].set_value(0.3).run()  # the slider moves: the detections are reused, the model not rerun
+    assert at.session_state["detection"]["found"] is held
+
+    at.file_uploader[0].set_value(("scan.nii.gz", nifti(scan()), "application/gzip"))
+    at.run()
+    assert not at.exception and len(at.error) == 1 and not at.image
+    assert at.error[0].value == ("scan.nii.gz: a volume; the model detects in 2D images only: upload a PNG "
+                                 "or TIFF")
+
+    (tmp_path / "cells.png").write_bytes(png(pixels))
+    code = f"""
+import sys
+for name in ("torch", "torchvision", "monai"):
+    sys.modules[name] = None
+from pathlib import Path
+from apps import volumes
+from apps.runtime import OnnxModel
+model = OnnxModel({str(det_path)!r})
+image = volumes.read_detection_upload("cells.png", Path({str(tmp_path / "cells.png")!r}).read_bytes())
+found = volumes.detect_image(model, image)
+assert volumes.draw_detections(image, found, 0.5, model.card).shape == (60, 75, 3)
+print(len(found["scores"]), sorted(m for m, v in sys.modules.items() if v and m.split('.')[0] in ('torch',)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(len(scores)), "[]"]

@@ -13,7 +13,15 @@ import torch
 from monai.inferers import sliding_window_inference
 from PIL import Image
 
-from apps.runtime import OnnxModel, embed, normalise_intensity, segment, sliding_window
+from apps.runtime import (
+    OnnxModel,
+    detect,
+    detection_pixels,
+    embed,
+    normalise_intensity,
+    segment,
+    sliding_window,
+)
 from conftest import REPO
 from downstream.export import export_run
 from engine.checkpoint import atomic_save
@@ -71,6 +79,8 @@ def test_a_volume_is_segmented_like_predict_logits(tmp_path: Path) -> None:
         embed(model, [np.zeros((8, 8, 3), np.uint8)])
     with pytest.raises(DataError, match="takes 1 channel"):
         segment(model, np.zeros((2, 30, 41, 7), np.float32))
+    with pytest.raises(DataError, match="a segmentation model does not detect"):
+        detect(model, np.zeros((8, 8), np.uint8))
 
 
 def test_crops_are_embedded_like_the_re_id_evaluation(tmp_path: Path) -> None:
@@ -165,3 +175,39 @@ def test_a_network_that_does_not_export_is_a_one_line_error(tmp_path: Path) -> N
     with pytest.raises(ExportError, match="3D flexunet does not export to ONNX") as err:
         export_run(tmp_path / "run", tmp_path / "seg3d.onnx")
     assert "\n" not in str(err.value) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_image_is_detected_like_the_torch_detector(tmp_path: Path) -> None:
+    from test_export import save_tiny_detector
+
+    from downstream.det.data import load_det_image, to_tensor
+    from downstream.export import match_detections
+
+    net = save_tiny_detector(tmp_path / "run")
+    model = OnnxModel(export_run(tmp_path / "run", tmp_path / "det.onnx").path)
+    rng = np.random.default_rng(4)
+    for name, pixels in [("rgb.png", rng.integers(0, 256, (70, 94, 3), dtype=np.uint8)),
+                         ("grey.png", rng.integers(0, 256, (57, 66), dtype=np.uint8))]:
+        Image.fromarray(pixels).save(tmp_path / name)
+        read = np.asarray(Image.open(tmp_path / name))  # as an app reads an upload
+        image = load_det_image(tmp_path / name, 3, 255.0)  # as `twinview det predict` reads the file
+        np.testing.assert_array_equal(detection_pixels(model, read), np.moveaxis(image, -1, 0))
+        with torch.no_grad():
+            found = net([to_tensor(image)])[0]
+        ids = np.array([3, 7])[found["labels"].numpy() - 1]
+        want = (found["boxes"].numpy(), ids, found["scores"].numpy())
+        boxes, labels, scores = detect(model, read)
+        assert boxes.dtype == scores.dtype == np.float32 and labels.dtype == np.int64
+        assert boxes.shape == (len(labels), 4) and set(labels) <= {3, 7}  # the card's category ids
+        count, box_diff, score_diff = match_detections(want, (boxes, labels, scores), 1e-4, 0.05, 300)
+        assert count > 50 and box_diff <= 1e-3 and score_diff <= 1e-4, (name, count, box_diff, score_diff)
+        high = detect(model, read, score_threshold=0.5)
+        assert len(high[2]) == int((scores >= 0.5).sum()) and (high[2] >= 0.5).all()
+    with pytest.raises(DataError, match=r"1 or 3 channels is needed, got shape \(8, 8, 5\)"):
+        detect(model, np.zeros((8, 8, 5), np.uint8))
+    grey_model = type("Grey", (), {"card": {"in_channels": 1,
+                                            "preprocessing": {"intensity": {"max_value": 255.0}}}})
+    rgba = rng.integers(0, 256, (9, 7, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    np.testing.assert_allclose(detection_pixels(grey_model, rgba),  # RGB averaged, alpha dropped
+                               np.moveaxis(load_det_image(tmp_path / "rgba.png", 1, 255.0), -1, 0), atol=1e-6)

@@ -223,3 +223,19 @@ def test_cli_prints_the_resolved_config(capsys: pytest.CaptureFixture) -> None:
     assert main(["det", "train", "--config", str(REPO / "configs/det/nuclei.yaml"), "--set",
                  "model.norm=batch", "--print-config"]) == 2
     assert "model.norm" in capsys.readouterr().err
+
+
+def test_background_detections_are_dropped_before_scoring() -> None:
+    """RetinaNet scores class 0 like any class; a label-0 detection must not become the last category."""
+    import torch
+
+    from downstream.det.evaluate import detect, results_of
+
+    class Stub(torch.nn.Module):
+        def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            return [{"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 6]]),
+                     "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])}]
+
+    found = detect(Stub(), torch.zeros(3, 8, 8), torch.device("cpu"))
+    assert found["labels"].tolist() == [1] and found["boxes"].tolist() == [[1, 1, 5, 6]]
+    assert [r["category_id"] for r in results_of(7, found, [5])] == [5]

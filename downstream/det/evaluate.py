@@ -76,8 +76,11 @@ def detect(model: nn.Module, image: torch.Tensor, device: torch.device,
     with autocast:
         out = model([image.to(device)])[0]
     model.train(was_training)
-    return {k: out[k].float().cpu().numpy() if k != "labels" else out[k].cpu().numpy()
-            for k in ("boxes", "scores", "labels")}
+    # RetinaNet scores class 0 (kept as background so that labels are 1..K, as in Faster R-CNN) like
+    # any class; training never makes it positive, but an early model can still emit it
+    keep = (out["labels"] > 0).cpu()
+    return {k: out[k][keep.to(out[k].device)].float().cpu().numpy() if k != "labels"
+            else out[k][keep.to(out[k].device)].cpu().numpy() for k in ("boxes", "scores", "labels")}
 
 
 def results_of(image_id: int, found: dict[str, np.ndarray], ids: list[int]) -> list[dict[str, Any]]:
