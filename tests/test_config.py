@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from downstream.det.config import DetConfig
 from downstream.reid.config import ReIDConfig
 from downstream.seg.config import SegConfig
 from pretrain.config import PretrainConfig
@@ -92,7 +93,7 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- domains of values
 
-CONFIG_CLASSES = {"pretrain": PretrainConfig, "seg": SegConfig, "reid": ReIDConfig}
+CONFIG_CLASSES = {"pretrain": PretrainConfig, "seg": SegConfig, "reid": ReIDConfig, "det": DetConfig}
 ALL_CONFIGS = sorted((REPO / "configs").glob("*/*.yaml"))
 
 
