@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,10 @@ def _network(weights: Path, card: dict[str, Any]) -> tuple[nn.Module, str | None
 
 def export_run(run: Path, out: Path, overwrite: bool = False, tolerance: float = TOLERANCE) -> Exported:
     """Export the network of ``run`` (a run folder, ``model.pt`` or ``encoder.pt``) to ``out``."""
-    try:
-        import onnx
-        import onnxruntime as ort
-        import onnxscript  # noqa: F401 - torch's exporter needs it; say so before any work is done
+    try:  # say what is missing before any work is done (torch's exporter needs onnxscript)
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
     except ImportError as err:
         raise ExportError(f"ONNX export needs {err.name}: pip install -e '.[export]'") from err
 
@@ -139,18 +140,14 @@ def export_run(run: Path, out: Path, overwrite: bool = False, tolerance: float =
     example = torch.randn(2, card["in_channels"], *spatial, generator=torch.Generator().manual_seed(0))
     tmp = _temporary(out)
     try:
-        try:
+        def export() -> None:
             program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["output"],
                                         dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                                         dynamo=True, verbose=False)
             program.save(str(tmp), external_data=False)
-        except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; name the network
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise ExportError(f"{display_path(weights)}: this {card['spatial_dims']}D "
-                              f"{card['architecture']['name']} does not export to ONNX ({first})") from err
-        proto = onnx.load(str(tmp))
-        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+
+        proto, opset, session = _exported(export, tmp, weights, f"this {card['spatial_dims']}D "
+                                                                f"{card['architecture']['name']}")
         got = session.run(None, {"input": example.numpy()})[0]
         with torch.no_grad():
             want = model(example).numpy()
@@ -169,6 +166,22 @@ def export_run(run: Path, out: Path, overwrite: bool = False, tolerance: float =
     finally:
         _clean(tmp)
     return Exported(out, card["task"], diff, card)
+
+
+def _exported(export: Callable[[], None], tmp: Path, weights: Path, what: str) -> tuple[Any, int, Any]:
+    """Run ``export`` (it writes ``tmp``); the written model, its opset and an onnxruntime session on it.
+    Any exporter failure is one ExportError naming ``weights`` and ``what`` would not export."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        export()
+    except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; name the network
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{display_path(weights)}: {what} does not export to ONNX ({first})") from err
+    proto = onnx.load(str(tmp))
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return proto, opset, ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
 
 
 def _temporary(out: Path) -> Path:
@@ -247,28 +260,20 @@ def _export_detection(model: nn.Module, weights: Path, card: dict[str, Any], out
     """A detector through the TorchScript exporter, checked on images of three sizes (see the module)."""
     import warnings
 
-    import onnx
-    import onnxruntime as ort
-
     channels, arch = card["in_channels"], card["architecture"]
     wrapped = _OneImage(model).eval()
     generator = torch.Generator().manual_seed(0)
     images = [torch.rand(channels, *size, generator=generator) for size in DET_SIZES]
     tmp = _temporary(out)
     try:
-        try:
+        def export() -> None:
             with warnings.catch_warnings():  # tracer and deprecation warnings: parity below is the check
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapped, (images[0],), str(tmp), opset_version=17, dynamo=False,
                                   input_names=["image"], output_names=list(DET_OUTPUTS),
                                   dynamic_axes={"image": {1: "height", 2: "width"}})
-        except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; name the network
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise ExportError(f"{display_path(weights)}: this {arch['name']} detector does not export to "
-                              f"ONNX ({first})") from err
-        proto = onnx.load(str(tmp))
-        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+
+        proto, opset, session = _exported(export, tmp, weights, f"this {arch['name']} detector")
         counts, box_diff, score_diff = [], 0.0, 0.0
         for image in images:
             got = tuple(session.run(list(DET_OUTPUTS), {"image": image.numpy()}))
