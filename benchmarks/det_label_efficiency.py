@@ -61,7 +61,7 @@ def main() -> None:
                         help="checkpoints and per-run results (resumable)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
     parser.add_argument("--fractions", default="0.25,1.0")
-    parser.add_argument("--steps", default="0.25:300,1.0:600", help="training steps per fraction")
+    parser.add_argument("--steps", default="0.25:200,1.0:400", help="training steps per fraction")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at fractions below 1")
     parser.add_argument("--full-seeds", type=int, default=1, help="seeds at fraction 1")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -127,7 +127,7 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
                          f"| {minutes:.1f} |")
     machine = f"{cpu_name()}, {cpu_cores()} cores, no GPU used"
     command = "python benchmarks/det_label_efficiency.py " + " ".join(sys.argv[1:])
-    md = (f"# Detection on DSB2018 nuclei (Faster R-CNN, ResNet-18 + FPN)\n\n"
+    md = (f"# Detection on DSB2018 nuclei (Faster R-CNN, ResNet-18 + FPN, configs/det/nuclei.yaml)\n\n"
           f"Command: `{command.strip()}`  \nMachine: {machine}  \n"
           f"Test images ({len(test_names)}, fixed): {', '.join(n[:12] for n in test_names)}  \n"
           f"Pretraining: SimCLR, microscopy views, on the training images only, no labels, "

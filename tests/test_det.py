@@ -47,6 +47,19 @@ def test_detectors_build_and_train_a_step(arch: str, norm: str, channels: int) -
     total.backward()
 
 
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_fpn_width_and_box_sampling_reach_the_detector(arch: str) -> None:
+    model, _ = build_det_model(DetModelConfig(arch=arch, fpn_channels=64, box_batch_size_per_image=32), 3, 1)
+    features = model.backbone(torch.rand(1, 3, 64, 64))
+    assert len(features) == 5 and {f.shape[1] for f in features.values()} == {64}
+    if arch == "faster_rcnn":
+        assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+        assert model.roi_heads.box_head.fc6.in_features == 64 * 7 * 7
+        default, _ = build_det_model(DetModelConfig(arch=arch), 3, 1)
+        assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512  # torchvision's
+        assert default.backbone.out_channels == 256
+
+
 @pytest.mark.parametrize("norm", ["frozen", "bn", "gn"])
 def test_encoder_weights_land_in_the_backbone_body(tmp_path: Path, norm: str) -> None:
     torch.manual_seed(1)

@@ -39,6 +39,9 @@ class DetModelConfig:
     norm: Literal["frozen", "bn", "gn"] = "bn"
     trainable_layers: Annotated[int, Range(ge=0, le=5)] = 5  # from the top: layer4..layer1, stem; rest frozen
     anchor_sizes: list[PositiveInt] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # one per level
+    # Width of every FPN map (torchvision's 256); the 3x3 convolutions on the stride-4 map dominate the
+    # cost of small-object detection on a CPU and shrink with the square of this
+    fpn_channels: PositiveInt = 256
     aspect_ratios: list[Positive] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     # null: images keep their own scale (nuclei: the anchors are sized in pixels); else torchvision's
     # resize of the shorter side to min_size (the longer at most max_size)
@@ -48,6 +51,9 @@ class DetModelConfig:
     image_std: list[Positive] | None = None  # null: ImageNet's; 0.25 for grey
     score_thresh: Probability = 0.05  # detections kept at inference
     detections_per_img: PositiveInt = 300  # DSB2018 images hold up to a few hundred nuclei
+    # Faster R-CNN: proposals sampled per training image for the box head's loss; RoIAlign and the box
+    # head's cost grow with it (512 is torchvision's; a 256 px crop with tens of objects needs fewer)
+    box_batch_size_per_image: PositiveInt = 512
     encoder_lr_mult: NonNegative = 1.0  # backbone body learning rate = optim.lr * this
 
 

@@ -26,7 +26,6 @@ from downstream.det.config import FPN_LEVELS, DetModelConfig
 from pretrain.encoders import build_encoder, load_encoder_file
 from twinview.config import ConfigError
 
-FPN_CHANNELS = 256
 STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")  # trainable_layers counts from the top
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 GREY_MEAN, GREY_STD = [0.5], [0.25]
@@ -87,9 +86,9 @@ def build_det_model(cfg: DetModelConfig, in_channels: int, num_classes: int
     levels = (2, 3, 4) if retina else (1, 2, 3, 4)
     widths = {1: 64, 2: 128, 3: 256, 4: 512}
     scale = 4 if cfg.encoder == "resnet50" else 1  # Bottleneck stages are 4x wider
-    extra = LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS) if retina else LastLevelMaxPool()
+    extra = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels) if retina else LastLevelMaxPool()
     backbone = BackboneWithFPN(body, {f"layer{k}": str(i) for i, k in enumerate(levels)},
-                               [widths[k] * scale for k in levels], FPN_CHANNELS, extra_blocks=extra)
+                               [widths[k] * scale for k in levels], cfg.fpn_channels, extra_blocks=extra)
     ratios = tuple(float(r) for r in cfg.aspect_ratios)
     if retina:  # three scales per level, as torchvision's RetinaNet
         sizes = tuple(tuple(int(s * 2 ** (k / 3)) for k in range(3)) for s in cfg.anchor_sizes)
@@ -107,7 +106,7 @@ def build_det_model(cfg: DetModelConfig, in_channels: int, num_classes: int
     else:
         model = FasterRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors,
                            box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
-                           **common)
+                           box_batch_size_per_image=cfg.box_batch_size_per_image, **common)
     if cfg.min_size is None:
         model.transform = NativeScaleTransform(min_size, cfg.max_size, mean, std)
     return model, encoder_meta
