@@ -35,6 +35,8 @@ class ModelConfig:
     encoder: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
     small_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for small images
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun
+    # A pretraining run (or its encoder.pt) to start from; method local keeps it fixed (and needs it)
+    encoder_weights: str = ""
 
 
 @dataclass
@@ -42,14 +44,19 @@ class MethodConfig:
     """Method and head sizes; a value left as null takes the method's paper default
     (``pretrain.methods.PAPER_DEFAULTS``)."""
 
-    name: Literal["simclr", "moco", "byol", "simsiam"] = "simclr"
-    temperature: Positive | None = None  # SimCLR 0.1, MoCo 0.2
+    # gcl/pcl: global contrast with positional positives (slices of volumes, data.kind msd_slices);
+    # local: decoder pretraining on a fixed encoder (model.encoder_weights), aligned mri views
+    name: Literal["simclr", "moco", "byol", "simsiam", "gcl", "pcl", "local"] = "simclr"
+    temperature: Positive | None = None  # SimCLR 0.1, MoCo 0.2, gcl/pcl/local 0.1
     proj_hidden: PositiveInt | None = None
     proj_out: PositiveInt | None = None
     pred_hidden: PositiveInt | None = None  # BYOL, SimSiam
     queue_size: PositiveInt | None = None  # MoCo
     momentum: UnitInterval | None = None  # MoCo key encoder EMA decay (1 = frozen)
     tau_base: UnitInterval | None = None  # BYOL target EMA at step 0
+    partitions: PositiveInt | None = None  # gcl: equal partitions along the slice axis (4)
+    position_threshold: ProperFraction | None = None  # pcl: positives closer than this (0.1 of the volume)
+    local_grid: PositiveInt | None = None  # local: regions per side the decoder map is averaged over (4)
 
 
 @dataclass

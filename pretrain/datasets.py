@@ -26,11 +26,13 @@ PRETRAIN_KINDS = {"market1501": "market1501", "msd": "msd_slices", "images": "im
 
 @dataclass
 class Samples:
-    """Loaders of the unlabelled samples, their names, and whether they are 2D images or 3D volumes."""
+    """Loaders of the unlabelled samples, their names, whether they are 2D images or 3D volumes, and for
+    slices of volumes each slice's relative position along the slice axis (0 first, 1 last)."""
 
     loaders: list[Loader]
     names: list[str]
     spatial_dims: int = 2
+    positions: list[float] | None = None
 
 
 def _image_loader(path: Path) -> Loader:
@@ -48,6 +50,7 @@ def _volume_samples(root: Path, slices: bool, axis: int, exclude: Sequence[str] 
     msd = read_msd(root)
     loaders: list[Loader] = []
     names: list[str] = []
+    positions: list[float] = []
     for rec in [*msd.training, *msd.test]:
         if rec.case_id in exclude:
             continue
@@ -55,15 +58,17 @@ def _volume_samples(root: Path, slices: bool, axis: int, exclude: Sequence[str] 
         if volume.ndim == 4:  # channels last in NIfTI: keep the first modality
             volume = volume[..., 0]
         if slices:
-            for i in range(volume.shape[axis]):
+            count = volume.shape[axis]
+            for i in range(count):
                 sl = np.ascontiguousarray(np.take(volume, i, axis=axis))
                 if sl.max() > sl.min():  # an all-constant slice has nothing to contrast
                     loaders.append(lambda s=sl: s)
                     names.append(f"{rec.case_id}[{axis}:{i}]")
+                    positions.append(i / max(count - 1, 1))
         else:
             loaders.append(lambda v=volume: v)
             names.append(rec.case_id)
-    return Samples(loaders, names, spatial_dims=2 if slices else 3)
+    return Samples(loaders, names, spatial_dims=2 if slices else 3, positions=positions if slices else None)
 
 
 def resolve_kind(cfg: DataConfig) -> str:
@@ -97,22 +102,31 @@ def load_samples(cfg: DataConfig) -> Samples:
 
 
 class TwoViewDataset(Dataset):
-    """Applies a two-view transform to each sample, with per-item seeding (see module docstring)."""
+    """Applies a two-view transform to each sample, with per-item seeding (see module docstring); with
+    ``positions``, items also carry the sample's position in its volume."""
 
-    def __init__(self, samples: Samples, views: TwoViews,
-                 seed: int) -> None:
+    def __init__(self, samples: Samples, views: TwoViews, seed: int, positions: bool = False) -> None:
+        if positions and samples.positions is None:
+            raise ValueError("these samples have no positions (only slices of volumes do)")
         self.samples = samples
         self.views = views
         self.seed = seed
+        self.positions = positions
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.samples.loaders)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         self.views.set_seed(sample_seed(self.seed, self.epoch, index))
-        return self.views(self.samples.loaders[index]())
+        views = self.views(self.samples.loaders[index]())
+        if self.positions:
+            return (*views, torch.tensor(self.samples.positions[index], dtype=torch.float32))
+        return views
 
 
-def collate_views(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    return [torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])]
+def collate_views(batch: Sequence[tuple[torch.Tensor, ...]]
+                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The two stacked views, and the stacked positions when the items carry them (else None)."""
+    views = [torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])]
+    return views, torch.stack([b[2] for b in batch]) if len(batch[0]) > 2 else None

@@ -100,3 +100,11 @@ def simsiam_prediction(in_dim: int = 2048, hidden_dim: int = 512, out_dim: int =
             LayerSpec(hidden_dim, out_dim),
         ]
     )
+
+
+def local_projection(in_channels: int, hidden: int = 128, out: int = 128,
+                     spatial_dims: int = 2) -> nn.Sequential:
+    """Chaitanya et al. 2020's g_2 for the local loss: 1x1 convolution, ReLU, 1x1 convolution, applied
+    at every position of a decoder feature map."""
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    return nn.Sequential(conv(in_channels, hidden, 1), nn.ReLU(inplace=True), conv(hidden, out, 1))

@@ -129,3 +129,64 @@ def simsiam_loss(p: Tensor, z: Tensor) -> Tensor:
     Chen & He 2021, "Exploring Simple Siamese Representation Learning".
     """
     return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+
+
+@_in_float32
+def global_contrastive(
+    anchors: Tensor, candidates: Tensor, positive: Tensor, negative: Tensor, temperature: float = 0.1
+) -> Tensor:
+    """Contrastive loss whose positives and negatives are given as masks: the global loss G^D of
+    Chaitanya et al. 2020, "Contrastive learning of global and local features for medical image
+    segmentation with limited annotations" (NeurIPS).
+
+    With ``s_ij = cos(a_i, c_j) / T``, ``P(i)`` the positives and ``N(i)`` the negatives of anchor ``i``::
+
+        l_ip = -log( exp(s_ip) / (exp(s_ip) + sum_{n in N(i)} exp(s_in)) ),   loss = mean over all (i, p)
+
+    Other positives of ``i`` are not in the denominator: slices of the same partition of other volumes
+    are not pushed apart while one of them is pulled in. Candidates in neither mask (the anchor itself)
+    take no part. An anchor without negatives contributes 0 per positive.
+
+    Args:
+        anchors: (a, D) embeddings; candidates: (c, D) embeddings (may contain the anchors).
+        positive, negative: (a, c) boolean masks, disjoint; at least one positive in all.
+        temperature: T.
+    """
+    if positive.shape != (anchors.shape[0], candidates.shape[0]) or negative.shape != positive.shape:
+        raise ValueError(f"masks must be ({anchors.shape[0]}, {candidates.shape[0]}), got "
+                         f"{tuple(positive.shape)} and {tuple(negative.shape)}")
+    if (positive & negative).any():
+        raise ValueError("a pair cannot be both positive and negative")
+    if not positive.any():
+        raise ValueError("no positive pair")
+    logits = F.normalize(anchors, dim=1) @ F.normalize(candidates, dim=1).T / temperature
+    negatives = torch.logsumexp(logits.masked_fill(~negative, float("-inf")), dim=1, keepdim=True)
+    pair_loss = torch.logaddexp(logits, negatives) - logits  # -log(e^s / (e^s + sum_n e^s_n))
+    return pair_loss[positive].mean()
+
+
+@_in_float32
+def local_contrastive(r1: Tensor, r2: Tensor, temperature: float = 0.1) -> Tensor:
+    """Local contrastive loss L^R of Chaitanya et al. 2020 (same paper as :func:`global_contrastive`)
+    between the region embeddings of two spatially aligned views of each image.
+
+    For image ``b`` with regions ``1..R`` (``z = normalize(cat(r1_b, r2_b))``, 2R rows), region ``k`` of
+    one view is the positive of region ``k`` of the other and the other regions of *the same image* (both
+    views) are negatives: NT-Xent within each image, averaged over the 2R anchors of all B images::
+
+        l_bi = -log( exp(s_{i,p(i)}) / sum_{j != i} exp(s_ij) ),   s = z z^T / T
+
+    Args:
+        r1, r2: (B, R, D) embeddings of R regions at the same places of the two views.
+        temperature: T.
+    """
+    if r1.shape != r2.shape or r1.ndim != 3:
+        raise ValueError(f"need two (B, R, D) tensors of one shape, got {tuple(r1.shape)} and "
+                         f"{tuple(r2.shape)}")
+    b, r, _ = r1.shape
+    z = F.normalize(torch.cat([r1, r2], dim=1), dim=2)
+    logits = z @ z.transpose(1, 2) / temperature  # (B, 2R, 2R)
+    eye = torch.eye(2 * r, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    target = torch.cat([torch.arange(r, 2 * r), torch.arange(r)]).to(z.device).repeat(b)
+    return F.cross_entropy(logits.reshape(b * 2 * r, 2 * r), target)

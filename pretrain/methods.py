@@ -1,11 +1,12 @@
-"""The four pretraining methods as small modules mapping two augmented views to a scalar loss.
+"""The pretraining methods as small modules mapping two augmented views to a scalar loss.
 
 Each method has ``.encoder`` (the backbone to save and export), ``forward(views) -> loss`` on
 ``views[0]``, ``views[1]`` (batches of the same images, differently augmented; further views are
-ignored) and ``step_update(step, total_steps)``, which the trainer calls after every optimizer step
-(``step`` = optimizer steps taken so far, this one included: 1 after the first). Target/momentum
-networks are frozen deep copies updated by EMA of the *parameters* only: their BN running statistics
-evolve in their own forward passes, as in the MoCo and BYOL reference code. Everything needed to
+ignored; the positional methods also take each sample's position in its volume) and
+``step_update(step, total_steps)``, which the trainer calls after every optimizer step (``step`` =
+optimizer steps taken so far, this one included: 1 after the first). Target/momentum networks are
+frozen deep copies updated by EMA of the *parameters* only: their BN running statistics evolve in their
+own forward passes, as in the MoCo and BYOL reference code. Everything needed to
 resume (queue, pointer, target networks) is in ``state_dict()``; BYOL's tau is a function of the step.
 """
 
@@ -25,12 +26,20 @@ from pretrain.heads import (
     MLPHead,
     byol_prediction,
     byol_projection,
+    local_projection,
     moco_v2_projection,
     simclr_projection,
     simsiam_prediction,
     simsiam_projection,
 )
-from pretrain.losses import byol_loss, info_nce, nt_xent, simsiam_loss
+from pretrain.losses import (
+    byol_loss,
+    global_contrastive,
+    info_nce,
+    local_contrastive,
+    nt_xent,
+    simsiam_loss,
+)
 
 
 def _two_views(views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -205,7 +214,104 @@ class SimSiam(nn.Module):
         """No-op."""
 
 
-Method = SimCLR | MoCoV2 | BYOL | SimSiam
+def same_position(anchor_pos: Tensor, candidate_pos: Tensor, partitions: int | None = None,
+                  threshold: float | None = None) -> Tensor:
+    """(a, c) mask of pairs at the same place of their volumes, positions being relative (0 = first
+    slice, 1 = last). ``partitions``: both fall in the same of S equal partitions (Chaitanya et al. 2020);
+    ``threshold``: their positions differ by less than it (Zeng et al. 2021)."""
+    if (partitions is None) == (threshold is None):
+        raise ValueError("give partitions or threshold")
+    if partitions is not None:
+        a = (anchor_pos * partitions).long().clamp(0, partitions - 1)
+        c = (candidate_pos * partitions).long().clamp(0, partitions - 1)
+        return a[:, None] == c[None, :]
+    return (anchor_pos[:, None] - candidate_pos[None, :]).abs() < threshold
+
+
+class PositionalContrast(nn.Module):
+    """Global contrastive learning with positional positives, for slices of aligned volumes.
+
+    Two views of each slice are embedded as in SimCLR; slices (of any volume) at the same place in their
+    volumes are positives, the others negatives, in :func:`global_contrastive` (anatomy at one position
+    looks alike across patients). ``partitions``: the GCL of Chaitanya et al. 2020 (NeurIPS: S equal
+    partitions along the slice axis); ``threshold``: the positional contrastive learning of Zeng et al.
+    2021 (MICCAI: positions closer than the threshold), with Chaitanya's loss. Under ``torch.distributed``
+    candidates and positions are gathered from all ranks, as for SimCLR.
+    """
+
+    def __init__(self, encoder: nn.Module, projection: MLPHead, temperature: float = 0.1,
+                 partitions: int | None = None, threshold: float | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.projection = projection
+        self.temperature = temperature
+        self.partitions, self.threshold = partitions, threshold
+        same_position(torch.zeros(1), torch.zeros(1), partitions, threshold)  # checks the choice
+
+    def forward(self, views: Sequence[Tensor], positions: Tensor) -> Tensor:
+        v1, v2 = _two_views(views)
+        z1 = self.projection(self.encoder(v1))
+        z2 = self.projection(self.encoder(v2))
+        n = z1.shape[0]
+        positions = positions.to(z1.device, torch.float32)
+        candidates = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])
+        all_positions = gather_no_grad(positions)
+        anchor_pos, candidate_pos = positions.repeat(2), all_positions.repeat(2)
+        same = same_position(anchor_pos, candidate_pos, self.partitions, self.threshold)
+        big_n = all_positions.shape[0]
+        local = torch.arange(n, device=z1.device) + rank() * n
+        itself = torch.zeros_like(same)
+        itself[torch.arange(2 * n, device=z1.device), torch.cat([local, local + big_n])] = True
+        return global_contrastive(torch.cat([z1, z2]), candidates, same & ~itself, ~same, self.temperature)
+
+    def step_update(self, step: int, total_steps: int) -> None:
+        """No-op."""
+
+
+class LocalContrast(nn.Module):
+    """Decoder pretraining by local contrast (Chaitanya et al. 2020, the random-region strategy L^R).
+
+    The U-Net's encoder comes pretrained (global stage) and stays fixed, BatchNorm statistics included.
+    Two views of each image with the same geometry and different intensities go through encoder and
+    decoder; a 1x1-convolution projection follows, its map is averaged over a ``grid`` x ``grid`` of
+    regions, and :func:`local_contrastive` makes each region match the same region of the other view
+    and differ from the image's other regions. ``.encoder`` is the fixed encoder, ``.decoder`` the
+    pretrained decoder (what ``decoder.pt`` holds).
+    """
+
+    def __init__(self, unet: nn.Module, projection: nn.Module, grid: int = 4, temperature: float = 0.1):
+        super().__init__()
+        self.encoder = unet.encoder.requires_grad_(False)
+        self.decoder = unet.decoder
+        self.skip_connect = unet.skip_connect
+        self.projection = projection
+        self.grid = grid
+        self.temperature = temperature
+        self.encoder.eval()
+
+    def train(self, mode: bool = True) -> LocalContrast:
+        super().train(mode)
+        self.encoder.eval()  # fixed: its statistics stay those of the global stage
+        return self
+
+    def regions(self, x: Tensor) -> Tensor:
+        """(B, grid^d, D) region embeddings of a batch."""
+        with torch.no_grad():
+            features = self.encoder(x)
+        out = self.projection(self.decoder(features, self.skip_connect))
+        pooled = (F.adaptive_avg_pool2d if out.ndim == 4 else F.adaptive_avg_pool3d)(out, self.grid)
+        return pooled.flatten(2).transpose(1, 2)
+
+    def forward(self, views: Sequence[Tensor]) -> Tensor:
+        v1, v2 = _two_views(views)
+        return local_contrastive(self.regions(v1), self.regions(v2), self.temperature)
+
+    def step_update(self, step: int, total_steps: int) -> None:
+        """No-op."""
+
+
+Method = SimCLR | MoCoV2 | BYOL | SimSiam | PositionalContrast | LocalContrast
+POSITIONAL = frozenset({"gcl", "pcl"})  # methods that need each slice's position in its volume
 
 
 # The papers' settings; build_method's options use these names.
@@ -214,16 +320,20 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     "moco": {"proj_hidden": 2048, "proj_out": 128, "temperature": 0.2, "queue_size": 65536, "momentum": 0.99},
     "byol": {"proj_hidden": 4096, "proj_out": 256, "pred_hidden": 4096, "tau_base": 0.99},
     "simsiam": {"proj_hidden": 2048, "proj_out": 2048, "pred_hidden": 512},
+    "gcl": {"proj_hidden": 2048, "proj_out": 128, "temperature": 0.1, "partitions": 4},
+    "pcl": {"proj_hidden": 2048, "proj_out": 128, "temperature": 0.1, "position_threshold": 0.1},
+    "local": {"proj_hidden": 128, "proj_out": 128, "temperature": 0.1, "local_grid": 4},
 }
 
 
-def build_method(name: str, encoder: nn.Module, **cfg: Any) -> Method:
-    """Build a method around ``encoder`` (which needs ``feat_dim``) with heads sized by ``cfg``.
+def build_method(name: str, encoder: nn.Module, unet: nn.Module | None = None, **cfg: Any) -> Method:
+    """Build a method around ``encoder`` (which needs ``feat_dim``) with heads sized by ``cfg``; ``local``
+    trains the decoder of ``unet`` (a FlexibleUNet whose encoder holds the pretrained weights).
 
     Options are those of ``PAPER_DEFAULTS`` (proj_hidden, proj_out, pred_hidden, temperature,
-    queue_size, momentum, tau_base). A method ignores the options it does not use, so one config
-    section can hold them all; a missing or ``None`` option takes the paper's value for that method,
-    and an unknown option raises ``TypeError``.
+    queue_size, momentum, tau_base, partitions, position_threshold, local_grid). A method ignores the
+    options it does not use, so one config section can hold them all; a missing or ``None`` option takes
+    the paper's value for that method, and an unknown option raises ``TypeError``.
     """
     if name not in PAPER_DEFAULTS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(PAPER_DEFAULTS)}")
@@ -233,6 +343,17 @@ def build_method(name: str, encoder: nn.Module, **cfg: Any) -> Method:
     defaults = PAPER_DEFAULTS[name]
     o = {**defaults, **{k: v for k, v in cfg.items() if k in defaults and v is not None}}
     d = encoder.feat_dim
+    if name in POSITIONAL:
+        projection = simclr_projection(d, o["proj_hidden"], o["proj_out"])
+        return PositionalContrast(encoder, projection, o["temperature"], partitions=o.get("partitions"),
+                                  threshold=o.get("position_threshold"))
+    if name == "local":
+        if unet is None:
+            raise ValueError("method local needs the U-Net whose decoder it pretrains")
+        channels = unet.decoder.blocks[-1].convs.conv_1.conv.out_channels
+        spatial_dims = 2 if isinstance(unet.decoder.blocks[-1].convs.conv_1.conv, nn.Conv2d) else 3
+        projection = local_projection(channels, o["proj_hidden"], o["proj_out"], spatial_dims)
+        return LocalContrast(unet, projection, o["local_grid"], o["temperature"])
     if name == "simclr":
         return SimCLR(encoder, simclr_projection(d, o["proj_hidden"], o["proj_out"]), o["temperature"])
     if name == "moco":

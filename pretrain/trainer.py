@@ -3,7 +3,8 @@
 A method is an ``nn.Module`` whose ``forward(views)`` returns the loss and whose
 ``step_update(step, total_steps)`` runs after each optimiser step (momentum encoders, EMA targets);
 :class:`PretrainTask` feeds it pairs of views, and the loop does the rest. A finished run leaves
-``encoder.pt`` (the encoder's weights for the downstream tasks) and ``model.json`` (its model card).
+``encoder.pt`` (the encoder's weights for the downstream tasks), ``model.json`` (its model card) and,
+after decoder pretraining (method ``local``), ``decoder.pt`` for the segmentation U-Net's decoder.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from engine.optim import warmup_cosine
 from engine.sampling import ResumableSampler
 from pretrain.config import PretrainConfig
 from pretrain.datasets import TwoViewDataset, collate_views, load_samples
-from pretrain.encoders import build_encoder
-from pretrain.methods import build_method
+from pretrain.encoders import build_encoder, load_encoder_file
+from pretrain.methods import POSITIONAL, LocalContrast, build_method
 from pretrain.optim import build_optimizer
-from pretrain.views import build_views
-from twinview.config import to_dict
+from pretrain.unet import DECODER_FILE, build_flexible_unet, decoder_meta
+from pretrain.views import ALIGNABLE, build_views
+from twinview.config import ConfigError, to_dict
 from twinview.errors import DataError
 from twinview.model_card import write_card_for
 
@@ -45,13 +47,32 @@ class RunResult:
 
 
 def build_model(cfg: PretrainConfig, spatial_dims: int) -> nn.Module:
-    """The method module (encoder + heads) that a config describes."""
+    """The method module (encoder + heads, or for ``local`` the U-Net decoder on the fixed encoder) that
+    a config describes, with ``model.encoder_weights`` loaded into the encoder when set."""
     encoder = build_encoder(cfg.model.encoder, in_channels=cfg.data.channels, spatial_dims=spatial_dims,
                             small_stem=cfg.model.small_stem)
     m = cfg.method
-    return build_method(m.name, encoder, temperature=m.temperature, proj_hidden=m.proj_hidden,
-                        proj_out=m.proj_out, pred_hidden=m.pred_hidden, queue_size=m.queue_size,
-                        momentum=m.momentum, tau_base=m.tau_base)
+    unet, loaded = None, {}
+    expected = {"name": cfg.model.encoder, "spatial_dims": spatial_dims, "in_channels": cfg.data.channels,
+                "small_stem": cfg.model.small_stem}
+    if m.name == "local":
+        if not cfg.model.encoder_weights:
+            raise ConfigError(None, "method local pretrains a decoder on a fixed, pretrained encoder: set "
+                                    "model.encoder_weights to an encoder pretraining run")
+        if cfg.model.small_stem:
+            raise ConfigError(None, "method local trains the segmentation U-Net's decoder, whose encoder has "
+                                    "the standard stem; set model.small_stem=false")
+        unet = build_flexible_unet(cfg.model.encoder, spatial_dims, cfg.data.channels, 1)
+        loaded = load_encoder_file(cfg.model.encoder_weights, unet.encoder, expected)
+    elif cfg.model.encoder_weights:
+        loaded = load_encoder_file(cfg.model.encoder_weights, encoder, expected)
+    method = build_method(m.name, encoder, unet, temperature=m.temperature, proj_hidden=m.proj_hidden,
+                          proj_out=m.proj_out, pred_hidden=m.pred_hidden, queue_size=m.queue_size,
+                          momentum=m.momentum, tau_base=m.tau_base, partitions=m.partitions,
+                          position_threshold=m.position_threshold, local_grid=m.local_grid)
+    # a fixed encoder is still the product of the method that trained it
+    method.encoder_method = loaded.get("method") if m.name == "local" else m.name
+    return method
 
 
 class PretrainTask(Task):
@@ -67,9 +88,17 @@ class PretrainTask(Task):
 
     def build(self, device: torch.device, rank: int, world: int) -> Parts:
         cfg, t = self.cfg, self.cfg.train
+        local = cfg.method.name == "local"
+        if local and cfg.data.views not in ALIGNABLE:
+            raise ConfigError(None, f"method local needs views with one geometry for both views; data.views "
+                                    f"{cfg.data.views!r} has none (choose from {sorted(ALIGNABLE)})")
         views = build_views(cfg.data.views, tuple(cfg.data.size), spatial_dims=self.spatial_dims,
-                            channels=cfg.data.channels)
-        self.dataset = TwoViewDataset(self.samples, views, seed=t.seed)
+                            channels=cfg.data.channels, aligned=local)
+        positional = cfg.method.name in POSITIONAL
+        if positional and self.samples.positions is None:
+            raise DataError(cfg.data.path, f"method {cfg.method.name} contrasts slices by their place in the "
+                                           "volume: read volumes as slices (data.kind msd_slices)")
+        self.dataset = TwoViewDataset(self.samples, views, seed=t.seed, positions=positional)
         global_batch = t.batch_size * world
         if len(self.dataset) < global_batch:
             raise DataError(cfg.data.path, f"{len(self.dataset)} samples, fewer than one batch of "
@@ -98,9 +127,11 @@ class PretrainTask(Task):
         self.sampler.set_epoch(epoch, start=done * self.cfg.train.batch_size)
         self.dataset.epoch = epoch
 
-    def compute_loss(self, model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-        views = [v.to(self.device, non_blocking=True).to(memory_format=self.memory_format) for v in batch]
-        return model(views)
+    def compute_loss(self, model: nn.Module, batch: tuple[list[torch.Tensor], torch.Tensor | None]
+                     ) -> torch.Tensor:
+        views, positions = batch
+        views = [v.to(self.device, non_blocking=True).to(memory_format=self.memory_format) for v in views]
+        return model(views) if positions is None else model(views, positions.to(self.device))
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.method.step_update(step, total_steps)
@@ -121,9 +152,15 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
         encoder_path = s.run.path / "encoder.pt"
         monitor: dict[str, float] = {}
         if s.is_main and task.method is not None:
-            meta = _encoder_meta(cfg, task.spatial_dims)
+            meta = {**_encoder_meta(cfg, task.spatial_dims), "method": task.method.encoder_method}
             atomic_save({"encoder": task.method.encoder.state_dict(), "encoder_config": meta}, encoder_path)
             write_card_for(encoder_path, meta, "encoder")
+            if isinstance(task.method, LocalContrast):
+                atomic_save({"decoder": task.method.decoder.state_dict(),
+                             "decoder_config": {**decoder_meta(cfg.model.encoder, task.spatial_dims,
+                                                               cfg.data.channels), "method": cfg.method.name,
+                                                "encoder_weights": cfg.model.encoder_weights}},
+                            s.run.path / DECODER_FILE)
             monitor = _monitor(cfg, task.method.encoder, s.device, amp_dtype, plot_dir=s.run.path)
         elif (s.run.path / "monitor.json").exists():
             monitor = json.loads((s.run.path / "monitor.json").read_text())

@@ -126,6 +126,7 @@ _PARAMS: dict[str, dict[str, Any]] = {
 
 _DEFAULT_CHANNELS = {"ct": 1, "mri": 1, "microscopy": 3, "reid": 3, "natural": 3}
 _COLOUR_PRESETS = frozenset({"reid", "natural"})
+ALIGNABLE = frozenset({"mri"})  # first stage geometric only (crop, flip, rotation), intensity after it
 _UNIT_RANGE_PRESETS = frozenset({"ct", "microscopy"})  # outputs clipped to [0, 1]
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,22 +166,31 @@ def hu_window(center: float, width: float) -> mt.ScaleIntensityRange:
 class ViewPipeline:
     """One pipeline: a numpy sample to a float32 channel-first tensor (a view, or the eval transform)."""
 
-    def __init__(self, preset: str, spatial_dims: int, channels: int, stages: Sequence[Stage]) -> None:
+    def __init__(self, preset: str, spatial_dims: int, channels: int, stages: Sequence[Stage],
+                 geometric: frozenset[int] = frozenset()) -> None:
         self.preset = preset
         self.spatial_dims = spatial_dims
         self.channels = channels
         self.stages = list(stages)
+        self.geometric = geometric  # indices of the stages that only move pixels
 
-    def reseed(self, seed: int) -> None:
-        """Reseed every stage's random state (albumentations and MONAI keep their own) from ``seed``."""
-        rng = np.random.default_rng(seed)
-        for stage in self.stages:
+    def reseed(self, seed: int, geometry_seed: int | None = None) -> None:
+        """Reseed every stage's random state (albumentations and MONAI keep their own) from ``seed``; the
+        stages in ``geometric`` from ``geometry_seed`` when given (the same crop, flip and rotation as
+        another view reseeded with that seed, with other intensities)."""
+        own = self._stage_seeds(seed)
+        geometry = own if geometry_seed is None else self._stage_seeds(geometry_seed)
+        for i, stage in enumerate(self.stages):
+            a, b = geometry[i] if i in self.geometric else own[i]
             if isinstance(stage, A.Compose):
-                stage.set_random_state(
-                    np.random.default_rng(rng.integers(2**63)), random.Random(int(rng.integers(2**63)))
-                )
+                stage.set_random_state(np.random.default_rng(a), random.Random(b))
             else:
-                stage.set_random_state(seed=int(rng.integers(2**32)))
+                stage.set_random_state(seed=a)
+
+    def _stage_seeds(self, seed: int) -> list[tuple[int, int]]:
+        rng = np.random.default_rng(seed)
+        return [(int(rng.integers(2**63)), int(rng.integers(2**63))) if isinstance(stage, A.Compose)
+                else (int(rng.integers(2**32)), 0) for stage in self.stages]
 
     def __call__(self, sample: np.ndarray) -> torch.Tensor:
         x: Any = self._prepare(np.asarray(sample))
@@ -208,29 +218,42 @@ class ViewPipeline:
 
 
 class TwoViews:
-    """Callable: one sample to two independently augmented views (see the module docstring)."""
+    """Callable: one sample to two independently augmented views (see the module docstring); with
+    ``aligned``, two views with the same geometry and independent intensity changes (pixel (i, j) of
+    one view shows what pixel (i, j) of the other shows)."""
 
-    def __init__(self, pipeline: ViewPipeline) -> None:
+    def __init__(self, pipeline: ViewPipeline, aligned: bool = False) -> None:
+        if aligned and not pipeline.geometric:
+            raise ValueError(f"preset {pipeline.preset!r} has no separate geometric stage for aligned views; "
+                             f"aligned presets: {sorted(ALIGNABLE)}")
         self.pipeline = pipeline
+        self.aligned = aligned
         self._rng: np.random.Generator | None = None
 
     def set_seed(self, seed: int | None) -> None:
         """Draw per-call seeds from a private generator seeded with ``seed``; ``None``: torch's global one."""
         self._rng = None if seed is None else np.random.default_rng(seed)
 
-    def __call__(self, sample: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self) -> int:
         if self._rng is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        else:
-            seed = int(self._rng.integers(2**62))
+            return int(torch.randint(0, 2**62, (1,)).item())
+        return int(self._rng.integers(2**62))
+
+    def __call__(self, sample: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = self._draw()
         self.pipeline.reseed(seed)
-        return self.pipeline(sample), self.pipeline(sample)
+        first = self.pipeline(sample)
+        if self.aligned:
+            self.pipeline.reseed(self._draw(), geometry_seed=seed)
+        return first, self.pipeline(sample)
 
 
 def build_views(
-    preset: str, size: Sequence[int], spatial_dims: int = 2, channels: int | None = None, **overrides: Any
+    preset: str, size: Sequence[int], spatial_dims: int = 2, channels: int | None = None,
+    aligned: bool = False, **overrides: Any
 ) -> TwoViews:
-    """Two-view augmentation for ``preset`` with output spatial ``size`` (H, W) or (D, H, W).
+    """Two-view augmentation for ``preset`` with output spatial ``size`` (H, W) or (D, H, W); with
+    ``aligned`` (mri only) both views share one geometry (see :class:`TwoViews`).
 
     ``overrides`` replace the preset's parameters (``window=(-600, 1500)``, ``scale=(0.6, 1.0)``, ...);
     unknown names raise ``ValueError``.
@@ -240,7 +263,8 @@ def build_views(
         stages = _train_stages_2d(preset, size, params)
     else:
         stages = _train_stages_3d(preset, size, params)
-    return TwoViews(ViewPipeline(preset, spatial_dims, channels, stages))
+    geometric = frozenset({0}) if preset in ALIGNABLE else frozenset()
+    return TwoViews(ViewPipeline(preset, spatial_dims, channels, stages, geometric), aligned=aligned)
 
 
 def eval_transform(

@@ -48,6 +48,7 @@ class SegModelConfig:
     arch: Literal["flexunet", "unet", "smp_unet"] = "flexunet"
     encoder: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # flexunet and smp_unet
     encoder_weights: str = ""  # a pretraining run folder or its encoder.pt; "" = random init
+    decoder_weights: str = ""  # flexunet: a decoder-pretraining run (method local) or its decoder.pt
     unet_channels: list[PositiveInt] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # plain UNet
     freeze_encoder_steps: NonNegativeInt = 0  # keep the encoder fixed for the first steps
     encoder_lr_mult: NonNegative = 1.0  # encoder learning rate = optim.lr * this

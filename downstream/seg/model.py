@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from downstream.seg.config import SegModelConfig
-from pretrain.encoders import flexible_unet_backbone, load_encoder_file
+from pretrain.encoders import load_encoder_file
+from pretrain.unet import build_flexible_unet, decoder_meta, load_decoder_file
 from twinview.config import ConfigError
 
 
@@ -27,17 +28,7 @@ def divisor(arch: str) -> int:
 def build_seg_model(cfg: SegModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """A randomly initialised network (no weights from any hub)."""
     if cfg.arch == "flexunet":
-        from monai.networks.nets import FlexibleUNet
-
-        backbone = flexible_unet_backbone(cfg.encoder, spatial_dims)
-        net = FlexibleUNet(in_channels, out_channels, backbone=backbone, pretrained=False,
-                           spatial_dims=spatial_dims)
-        # The head reads the last decoder layer after its norm, not after its ReLU. Rectified, that layer
-        # could represent the structure as "every channel off" (94% zeros there in a failed run): the
-        # head then sees only its bias on the structure and short runs ended with empty masks or one
-        # class for everything, depending on the initialisation (seed). Normalised, both signs carry.
-        net.decoder.blocks[-1].convs.conv_1.adn.A = nn.Identity()
-        return net
+        return build_flexible_unet(cfg.encoder, spatial_dims, in_channels, out_channels)
     if cfg.arch == "unet":
         from monai.networks.nets import UNet
 
@@ -70,6 +61,14 @@ def load_pretrained_encoder(model: nn.Module, cfg: SegModelConfig, spatial_dims:
     expected = {"name": cfg.encoder, "spatial_dims": spatial_dims, "in_channels": in_channels,
                 "small_stem": False}
     return load_encoder_file(cfg.encoder_weights, target, expected)
+
+
+def load_pretrained_decoder(model: nn.Module, cfg: SegModelConfig, spatial_dims: int,
+                            in_channels: int) -> dict[str, Any]:
+    """Load ``cfg.decoder_weights`` into a FlexibleUNet's decoder; returns the decoder's metadata."""
+    if cfg.arch != "flexunet":
+        raise ConfigError(None, f"model.arch={cfg.arch} has no pretrained decoder to load; use flexunet")
+    return load_decoder_file(cfg.decoder_weights, model, decoder_meta(cfg.encoder, spatial_dims, in_channels))
 
 
 def set_encoder_frozen(model: nn.Module, frozen: bool) -> None:

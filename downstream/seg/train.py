@@ -36,6 +36,7 @@ from downstream.seg.model import (
     build_seg_model,
     divisor,
     encoder_of,
+    load_pretrained_decoder,
     load_pretrained_encoder,
     set_encoder_frozen,
 )
@@ -85,7 +86,7 @@ def model_metadata(cfg: SegConfig, task: SegTask) -> dict[str, Any]:
             "out_channels": max(task.labels) + 1, "labels": {str(k): v for k, v in task.labels.items()},
             "task": task.name, "kind": task.kind, "modality": task.modality,
             "preprocessing": preprocess_metadata(cfg.data, task), "roi": list(cfg.data.roi),
-            "encoder_weights": cfg.model.encoder_weights}
+            "encoder_weights": cfg.model.encoder_weights, "decoder_weights": cfg.model.decoder_weights}
 
 
 def load_split(run_dir: Path, cfg: SegConfig, task: SegTask) -> dict[str, Any]:
@@ -165,6 +166,9 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
         if cfg.model.encoder_weights:
             meta["pretraining_method"] = load_pretrained_encoder(model, cfg.model, d.spatial_dims,
                                                                  task.in_channels).get("method")
+        if cfg.model.decoder_weights:
+            meta["decoder_pretraining_method"] = load_pretrained_decoder(model, cfg.model, d.spatial_dims,
+                                                                         task.in_channels).get("method")
         model = model.to(s.device)
         model_path = s.run.path / "model.pt"
         if s.run.finished:  # training finished earlier; only the evaluation may be left

@@ -1,0 +1,61 @@
+"""The U-Net that segmentation fine-tunes, built here so that decoder pretraining trains the same one.
+
+MONAI ``FlexibleUNet`` around the ``tv-resnet*`` (2D) or MONAI ResNet (3D) backbone that
+:func:`pretrain.encoders.build_encoder`'s weights load into, with MONAI's default decoder channels
+``(256, 128, 64, 32, 16)``. A pretrained decoder (``decoder.pt``) holds ``unet.decoder``'s tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pretrain.encoders import flexible_unet_backbone
+
+DECODER_FILE = "decoder.pt"
+
+
+def build_flexible_unet(encoder: str, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+    """A randomly initialised FlexibleUNet (nothing downloaded)."""
+    from monai.networks.nets import FlexibleUNet
+
+    net = FlexibleUNet(in_channels, out_channels, backbone=flexible_unet_backbone(encoder, spatial_dims),
+                       pretrained=False, spatial_dims=spatial_dims)
+    # The head reads the last decoder layer after its norm, not after its ReLU. Rectified, that layer
+    # could represent the structure as "every channel off" (94% zeros there in a failed run): the head
+    # then sees only its bias on the structure, and short runs ended with empty masks or one class for
+    # everything, depending on the initialisation (seed). Normalised, both signs carry.
+    net.decoder.blocks[-1].convs.conv_1.adn.A = nn.Identity()
+    return net
+
+
+def decoder_meta(encoder: str, spatial_dims: int, in_channels: int) -> dict[str, Any]:
+    """What a U-Net must match for a saved decoder to load into it."""
+    return {"encoder": encoder, "spatial_dims": spatial_dims, "in_channels": in_channels}
+
+
+def load_decoder_file(path: str | Path, unet: nn.Module, expected: dict[str, Any]) -> dict[str, Any]:
+    """Load a decoder-pretraining run's ``decoder.pt`` (or the run folder) into ``unet.decoder``; returns
+    its metadata. A missing file or a decoder made for another U-Net is a one-line ``ConfigError``."""
+    from engine.checkpoint import load_payload
+    from twinview.config import ConfigError
+
+    path = Path(path)
+    path = path / DECODER_FILE if path.is_dir() else path
+    if not path.exists():
+        raise ConfigError(path, "no decoder weights here; pass a decoder-pretraining run (method local) "
+                                f"or its {DECODER_FILE}")
+    payload = load_payload(path, ("decoder", "decoder_config"), "decoder")
+    meta = payload["decoder_config"]
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: decoder has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
+        raise ConfigError(path, f"decoder does not fit this U-Net ({detail})")
+    own = unet.decoder.state_dict()
+    state = payload["decoder"]
+    if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
+        raise ConfigError(path, "decoder tensors do not match this U-Net's decoder (another decoder layout)")
+    unet.decoder.load_state_dict(state)
+    return meta
