@@ -28,7 +28,7 @@ from pretrain.datasets import TwoViewDataset, collate_views, load_samples
 from pretrain.encoders import build_encoder, load_encoder_file
 from pretrain.methods import POSITIONAL, LocalContrast, build_method
 from pretrain.optim import build_optimizer
-from pretrain.unet import DECODER_FILE, build_flexible_unet, decoder_meta
+from pretrain.unet import DECODER_FILE, UNET_DIVISOR, build_flexible_unet, decoder_meta
 from pretrain.views import ALIGNABLE, build_views
 from twinview.config import ConfigError, to_dict
 from twinview.errors import DataError
@@ -92,6 +92,9 @@ class PretrainTask(Task):
         if local and cfg.data.views not in ALIGNABLE:
             raise ConfigError(None, f"method local needs views with one geometry for both views; data.views "
                                     f"{cfg.data.views!r} has none (choose from {sorted(ALIGNABLE)})")
+        if local and any(s % UNET_DIVISOR for s in cfg.data.size):
+            raise ConfigError(None, f"data.size {cfg.data.size}: method local runs the U-Net, whose input "
+                                    f"sides must be multiples of {UNET_DIVISOR}")
         views = build_views(cfg.data.views, tuple(cfg.data.size), spatial_dims=self.spatial_dims,
                             channels=cfg.data.channels, aligned=local)
         positional = cfg.method.name in POSITIONAL

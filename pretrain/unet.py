@@ -15,6 +15,7 @@ from torch import nn
 from pretrain.encoders import flexible_unet_backbone
 
 DECODER_FILE = "decoder.pt"
+UNET_DIVISOR = 32  # five stride-2 stages: every input side must be a multiple of this
 
 
 def build_flexible_unet(encoder: str, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:

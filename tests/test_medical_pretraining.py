@@ -26,7 +26,8 @@ def test_global_contrastive_hand_worked() -> None:
     positive = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
     negative = torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
     # each positive pair: s_p = 1, one negative with s_n = 0 -> log(1 + e^-1)
-    assert global_contrastive(e, e, positive, negative, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    expected = math.log(1 + math.exp(-1))
+    assert global_contrastive(e, e, positive, negative, 1.0).item() == pytest.approx(expected)
     a = torch.tensor([[1.0, 0.0]])
     c = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
     pos, neg = torch.tensor([[0, 1, 0]], dtype=torch.bool), torch.tensor([[0, 0, 1]], dtype=torch.bool)
@@ -111,7 +112,8 @@ def test_aligned_mri_views_share_their_geometry() -> None:
     still = {"bias_coeff": (0.0, 0.0), "gamma": (1.0, 1.0), "noise_std": 0.0}  # intensity steps as identity
     for seed in range(4):
         image = _texture(seed)
-        aligned, free = build_views("mri", (32, 32), aligned=True, **still), build_views("mri", (32, 32), **still)
+        aligned = build_views("mri", (32, 32), aligned=True, **still)
+        free = build_views("mri", (32, 32), **still)
         aligned.set_seed(seed)
         free.set_seed(seed)
         # the same crop, flip and rotation (an intensity step at its identity value still rounds)
@@ -126,7 +128,8 @@ def test_aligned_mri_views_share_their_geometry() -> None:
 
 
 def _config(data: Path, run: Path, *extra: str) -> PretrainConfig:
-    base = [o for o in tiny_overrides(data, run, "msd_slices") if not o.startswith(("data.size", "model.small"))]
+    base = [o for o in tiny_overrides(data, run, "msd_slices")
+            if not o.startswith(("data.size", "model.small"))]
     return load_config(PretrainConfig, None, [*base, "data.size=[32,32]", "train.max_steps=2",
                                               "train.batch_size=8", *extra])
 
@@ -143,7 +146,8 @@ def test_positional_pretraining_runs_on_slices(method: str, synth_msd: Path, tmp
 def test_positional_method_on_images_is_a_clear_error(synth_market: Path, tmp_path: Path) -> None:
     from pretrain.trainer import run_pretraining
 
-    cfg = load_config(PretrainConfig, None, [*tiny_overrides(synth_market, tmp_path / "r"), "method.name=gcl"])
+    overrides = [*tiny_overrides(synth_market, tmp_path / "r"), "method.name=gcl"]
+    cfg = load_config(PretrainConfig, None, overrides)
     with pytest.raises(DataError, match="data.kind msd_slices"):
         run_pretraining(cfg)
 
@@ -154,6 +158,9 @@ def test_decoder_pretraining_loads_into_the_segmentation_unet(synth_msd: Path, t
     with pytest.raises(ConfigError, match="model.encoder_weights"):
         run_pretraining(_config(synth_msd, tmp_path / "no_encoder", "method.name=local"))
     stage1 = run_pretraining(_config(synth_msd, tmp_path / "gcl", "method.name=gcl"))
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        run_pretraining(_config(synth_msd, tmp_path / "odd", "method.name=local", "data.size=[48,48]",
+                                f"model.encoder_weights={stage1.run_dir}"))
     stage2 = run_pretraining(_config(synth_msd, tmp_path / "local", "method.name=local",
                                      f"model.encoder_weights={stage1.run_dir}", "train.max_steps=3"))
     assert math.isfinite(stage2.final_loss)

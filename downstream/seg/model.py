@@ -16,13 +16,13 @@ from torch import nn
 
 from downstream.seg.config import SegModelConfig
 from pretrain.encoders import load_encoder_file
-from pretrain.unet import build_flexible_unet, decoder_meta, load_decoder_file
+from pretrain.unet import UNET_DIVISOR, build_flexible_unet, decoder_meta, load_decoder_file
 from twinview.config import ConfigError
 
 
 def divisor(arch: str) -> int:
     """Every input size must be a multiple of this."""
-    return 32 if arch in ("flexunet", "smp_unet") else 16
+    return UNET_DIVISOR if arch in ("flexunet", "smp_unet") else 16
 
 
 def build_seg_model(cfg: SegModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
