@@ -153,9 +153,10 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path: Path,
     import yaml
 
     code = main(["seg", "train", "--config", str(REPO / "configs/seg/hippocampus2d.yaml"), "--label-fraction",
-                 "0.25", "--set", f"out_dir={tmp_path / 'run'}", "--print-config"])
+                 "0.25", "--label-cases", "2", "--set", f"out_dir={tmp_path / 'run'}", "--print-config"])
     shown = yaml.safe_load(capsys.readouterr().out)
     assert code == 0 and shown["data"]["label_fraction"] == 0.25 and shown["model"]["arch"] == "flexunet"
+    assert shown["data"]["label_cases"] == 2
     assert not (tmp_path / "run").exists()
 
 

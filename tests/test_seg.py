@@ -45,6 +45,15 @@ def test_split_is_fixed_and_label_subsets_are_nested() -> None:
                             2)
     assert other_seed["test"] == split["test"]  # the test cases do not depend on the training seed
     assert set(other_seed["train"]) != subsets[2]
+    cfg.label_fraction = 1.0
+    for count in (1, 2, 4):  # counts nest with each other and with the fractions of the same seed
+        cfg.label_cases = count
+        counted = set(make_split(ids, cfg, seed=1)["train"])
+        assert len(counted) == count and counted <= subsets[1]
+        assert counted >= subsets[0] or count == 1 and counted < subsets[0]
+    cfg.label_cases = 36
+    with pytest.raises(ConfigError, match="label_cases 36: only 35 training cases"):
+        make_split(ids, cfg, seed=1)
 
 
 def test_split_errors_and_split_file(tmp_path: Path) -> None:

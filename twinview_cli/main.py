@@ -73,6 +73,8 @@ def _cmd_seg_train(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.label_fraction is not None:
         overrides.append(f"data.label_fraction={args.label_fraction}")
+    if args.label_cases is not None:
+        overrides.append(f"data.label_cases={args.label_cases}")
     cfg = run_config(SegConfig, args.config, args.resume, overrides)
     if args.print_config:
         return _print_config(cfg)
@@ -289,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg_train.add_argument("--label-fraction", type=float, metavar="F",
                            help="train on this fraction of the labelled cases "
                                 "(same as --set data.label_fraction=F)")
+    seg_train.add_argument("--label-cases", type=int, metavar="N",
+                           help="train on N labelled cases, overriding the fraction "
+                                "(same as --set data.label_cases=N)")
     seg_train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     seg_train.add_argument("--print-config", action="store_true",
                      help="print the resolved config (file, --set, resumed run) and exit")

@@ -40,6 +40,7 @@ class SegDataConfig:
     val_cases: NonNegativeInt = 10  # validation cases, from the rest
     split_seed: NonNegativeInt = 0
     label_fraction: Fraction = 1.0  # share of the remaining labelled cases used for training
+    label_cases: NonNegativeInt = 0  # train on this many labelled cases instead (0: use label_fraction)
     split_file: str = ""  # reuse this split.json (its test and val cases) instead of drawing one
 
 

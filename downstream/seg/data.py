@@ -91,8 +91,9 @@ def read_task(cfg: SegDataConfig) -> SegTask:
 def make_split(case_ids: Sequence[str], cfg: SegDataConfig, seed: int) -> dict[str, Any]:
     """Fixed test and val cases (``split_seed``) and the labelled training subset (``seed``).
 
-    The training subset is the first ``max(1, round(label_fraction * n_pool))`` cases of a permutation
-    seeded by ``seed``, so for one seed the subsets of smaller fractions are nested in larger ones.
+    The training subset is the first ``label_cases`` (when set) or ``max(1, round(label_fraction *
+    n_pool))`` cases of a permutation seeded by ``seed``, so for one seed smaller subsets are nested in
+    larger ones, whether given as counts or fractions.
     """
     ids = sorted(case_ids)
     if cfg.split_file:
@@ -112,11 +113,14 @@ def make_split(case_ids: Sequence[str], cfg: SegDataConfig, seed: int) -> dict[s
     pool = [i for i in ids if i not in held]
     if not 0 < cfg.label_fraction <= 1:
         raise ConfigError(None, f"data.label_fraction must be in (0, 1], got {cfg.label_fraction}")
-    n_train = max(1, round(cfg.label_fraction * len(pool)))
+    if cfg.label_cases > len(pool):
+        raise ConfigError(None, f"data.label_cases {cfg.label_cases}: only {len(pool)} training cases are "
+                                "left after the test and val cases")
+    n_train = cfg.label_cases or max(1, round(cfg.label_fraction * len(pool)))
     order = np.random.default_rng(seed).permutation(len(pool))
     train = sorted(pool[i] for i in order[:n_train])
     return {"split_seed": cfg.split_seed, "seed": seed, "label_fraction": cfg.label_fraction,
-            "test": test, "val": val, "pool": pool, "train": train}
+            "label_cases": cfg.label_cases, "test": test, "val": val, "pool": pool, "train": train}
 
 
 # --------------------------------------------------------------------------- loading and preprocessing

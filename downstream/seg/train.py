@@ -192,7 +192,7 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
             table = metrics_table(summary, task.labels)
             (s.run.path / "summary.json").write_text(json.dumps(
                 {"test": summary, "train_cases": len(split["train"]), "label_fraction": d.label_fraction,
-                 "steps": result.steps, "best": result.best}, indent=2) + "\n")
+                 "label_cases": d.label_cases, "steps": result.steps, "best": result.best}, indent=2) + "\n")
     return SegResult(s.run.path, result.steps, result.final_loss, model_path, summary, table)
 
 
