@@ -76,7 +76,7 @@ def main() -> None:
     if unknown := set(arms) - set(ARMS):
         parser.error(f"--arms: unknown {sorted(unknown)}; choose from {list(ARMS)}")
 
-    from downstream.recipes import finetune_det, label_efficiency, pretrain
+    from downstream.recipes import encoder_starts, finetune_det, label_efficiency, pretrain
 
     args.work.mkdir(parents=True, exist_ok=True)
     split_file, split, names = fixed_split(args)
@@ -96,7 +96,8 @@ def main() -> None:
     common = [f"data.path={args.data}", f"data.split_file={split_file}",
               f"train.batch_size={args.batch_size}", "train.val_every_steps=0", f"train.progress={progress}"]
     results: dict[str, dict[float, list[dict]]] = {arm: {} for arm in arms}
-    for s in label_efficiency(REPO / "configs/det/nuclei.yaml", args.work, encoder_dir, plan, common, arms,
+    starts = {arm: weights for arm, weights in encoder_starts(encoder_dir).items() if arm in arms}
+    for s in label_efficiency(REPO / "configs/det/nuclei.yaml", args.work, starts, plan, common,
                               finetune=finetune_det):
         results[s["arm"]].setdefault(s["fraction"], []).append(s)
         print(f"{s['arm']:10s} images {s['fraction']:>5g} ({s['train_images']:3d}) seed {s['seed']}: "

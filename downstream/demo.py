@@ -85,7 +85,7 @@ def _pretrain_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
 
 
 def _seg_stage(out: Path, msd: Path, seed: int, quick: bool) -> dict:
-    from downstream.recipes import label_efficiency, pretrain
+    from downstream.recipes import encoder_starts, label_efficiency, pretrain
     from downstream.seg.config import SegConfig
     from downstream.seg.data import make_split, read_task
     from twinview.config import load_config
@@ -103,7 +103,7 @@ def _seg_stage(out: Path, msd: Path, seed: int, quick: bool) -> dict:
         "data.size=[48,48]", "data.workers=0", f"train.epochs={1 if quick else 3}",
         f"train.batch_size={32 if quick else 128}", "train.knn_every_epochs=0", "optim.warmup_epochs=1",
         f"train.progress={progress}"], exclude_cases=test_ids)
-    rows = label_efficiency(REPO / "configs/seg/hippocampus2d.yaml", out / "seg", pre_dir,
+    rows = label_efficiency(REPO / "configs/seg/hippocampus2d.yaml", out / "seg", encoder_starts(pre_dir),
                             [(fraction, seed, [])], common)
     results = {row["arm"]: row for row in rows}
     title = f"segmentation, {results['random']['train_cases']} labelled volumes"

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from twinview.config import load_config, to_dict
 from twinview.run_folder import RunFolder
-
-ARMS = ("pretrained", "random")
-"""The two starts of every comparison: the pretrained encoder, and the same network at random init."""
 
 
 def _existing(run_dir: Path, final: str, config: dict[str, Any]) -> RunFolder | None:
@@ -91,19 +88,33 @@ def finetune_det(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
     return json.loads(summary.read_text())
 
 
-def label_efficiency(config: Path, work: Path, encoder_dir: Path,
-                     plan: Iterable[tuple[float, int, Sequence[str]]], common: Sequence[str],
-                     arms: Sequence[str] = ARMS, finetune: Any = finetune_seg) -> list[dict[str, Any]]:
-    """Fine-tune (``finetune_seg`` or ``finetune_det`` with ``config``) every ``(label fraction, seed,
-    overrides)`` of ``plan`` from each of ``arms`` into ``work/runs/<arm>_f<fraction>_s<seed>``; the same
-    seed draws the same labelled subset for both starts. Returns one row per run: arm, fraction, seed and
-    the run's summary."""
+def encoder_starts(encoder_dir: Path | str) -> dict[str, list[str]]:
+    """The two starts of the classic comparison: a pretrained encoder and random init."""
+    return {"pretrained": [f"model.encoder_weights={encoder_dir}"], "random": ["model.encoder_weights="]}
+
+
+def label_tag(labels: float | int) -> str:
+    """A plan entry's labels in a run folder name: ``f0.25`` for a fraction, ``n2`` for a count."""
+    return f"n{labels}" if isinstance(labels, int) else f"f{labels:g}"
+
+
+def label_efficiency(config: Path, work: Path, starts: Mapping[str, Sequence[str]],
+                     plan: Iterable[tuple[float | int, int, Sequence[str]]], common: Sequence[str],
+                     finetune: Any = finetune_seg) -> list[dict[str, Any]]:
+    """Fine-tune (``finetune_seg`` or ``finetune_det`` with ``config``) every ``(labels, seed, overrides)``
+    of ``plan`` from each start of ``starts`` (name -> the overrides that set its weights, e.g.
+    :func:`encoder_starts`) into ``work/runs/<start>_<label_tag>_s<seed>``. ``labels`` is a fraction of the
+    labelled training data (a float, ``data.label_fraction``) or a number of labelled cases (an int,
+    ``data.label_cases``); the same seed draws the same labelled subset for every start. Returns one row
+    per run: arm, labels, fraction (None for counts), seed and the run's summary."""
     rows = []
-    for fraction, seed, extra in plan:
-        for arm in arms:
-            run_dir = work / "runs" / f"{arm}_f{fraction:g}_s{seed}"
-            summary = finetune(config, [
-                *common, f"out_dir={run_dir}", f"data.label_fraction={fraction}", f"train.seed={seed}",
-                f"model.encoder_weights={encoder_dir if arm == 'pretrained' else ''}", *extra])
-            rows.append({"arm": arm, "fraction": fraction, "seed": seed, "run_dir": str(run_dir), **summary})
+    for labels, seed, extra in plan:
+        amount = f"data.label_cases={labels}" if isinstance(labels, int) else f"data.label_fraction={labels}"
+        for arm, weights in starts.items():
+            run_dir = work / "runs" / f"{arm}_{label_tag(labels)}_s{seed}"
+            summary = finetune(config, [*common, f"out_dir={run_dir}", amount, f"train.seed={seed}", *weights,
+                                        *extra])
+            fraction = None if isinstance(labels, int) else labels
+            rows.append({"arm": arm, "labels": labels, "fraction": fraction, "seed": seed,
+                         "run_dir": str(run_dir), **summary})
     return rows
