@@ -323,6 +323,21 @@ def test_train_predict_eval_2d_end_to_end(tmp_path: Path, synth_msd: Path,
     assert snapshot(synth_msd) == before  # inputs untouched
 
 
+def test_final_weights_best_keeps_the_validation_best_step(tmp_path: Path, synth_msd: Path) -> None:
+    from downstream.seg.train import check_config, run_segmentation
+
+    with pytest.raises(ConfigError, match="final_weights=best picks the step best on the val cases"):
+        cfg = _tiny(synth_msd, tmp_path / "x", "train.final_weights=best", "train.val_every_steps=0")
+        check_config(cfg, read_task(cfg.data))
+    run = tmp_path / "run"
+    run_segmentation(_tiny(synth_msd, run, "train.final_weights=best", "train.val_every_steps=2",
+                           "data.test_cases=0"))
+    best = torch.load(run / "best.pt", weights_only=True)
+    final = torch.load(run / "model.pt", weights_only=True)
+    assert final["model_config"]["selected_step"] == best["best"]["step"]
+    assert all(torch.equal(final["model"][k], v) for k, v in best["model"].items())
+
+
 def test_prediction_follows_the_input_orientation(tmp_path: Path, synth_msd: Path) -> None:
     """A volume stored flipped (other axis codes) gets the same mask, flipped back into its own grid."""
     from downstream.seg.predict import predict

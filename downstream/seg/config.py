@@ -72,6 +72,8 @@ class SegTrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     val_every_steps: NonNegativeInt = 500  # validation Dice on the val cases (0 = off)
+    # model.pt (and the test scores) from the last step, or from the step best on the val cases
+    final_weights: Literal["last", "best"] = "last"
     ckpt_every_steps: PositiveInt = 250
     keep_last: PositiveInt = 2
     log_every_steps: PositiveInt = 10

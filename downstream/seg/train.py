@@ -42,7 +42,7 @@ from downstream.seg.model import (
 )
 from engine.checkpoint import atomic_save, load_checkpoint
 from engine.device import select_amp
-from engine.loop import LoopSettings, Parts, Task, finished_result, session, train
+from engine.loop import BEST_FILE, LoopSettings, Parts, Task, finished_result, session, train
 from engine.optim import param_groups, warmup_cosine
 from engine.sampling import ResumableSampler
 from twinview.config import ConfigError, to_dict
@@ -68,6 +68,9 @@ def check_config(cfg: SegConfig, task: SegTask) -> None:
     if len(d.roi) != d.spatial_dims:
         raise ConfigError(None, f"data.roi {d.roi} needs {d.spatial_dims} sizes for data.spatial_dims="
                                 f"{d.spatial_dims}")
+    if cfg.train.final_weights == "best" and not (cfg.train.val_every_steps and d.val_cases):
+        raise ConfigError(None, "train.final_weights=best picks the step best on the val cases: set "
+                                "train.val_every_steps and data.val_cases above 0")
     k = divisor(m.arch)
     if any(s % k for s in d.roi):
         raise ConfigError(None, f"data.roi {d.roi}: model.arch={m.arch} needs every size divisible by {k}")
@@ -180,6 +183,10 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
             result = train(seg_task, s.run, LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
             set_encoder_frozen(model, False)
             if s.is_main:
+                if t.final_weights == "best" and result.best is not None:
+                    best = load_checkpoint(s.run.path / BEST_FILE, map_location=s.device)
+                    model.load_state_dict(best["model"])
+                    meta["selected_step"] = int(result.best["step"])
                 atomic_save({"model": model.state_dict(), "model_config": meta}, model_path)
                 write_card_for(model_path, meta, "segmentation")
         summary: dict[str, float] = {}
