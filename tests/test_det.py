@@ -229,9 +229,10 @@ def test_cli_prints_the_resolved_config(capsys: pytest.CaptureFixture) -> None:
     from twinview_cli.main import main
 
     assert main(["det", "train", "--config", str(REPO / "configs/det/nuclei.yaml"), "--set",
-                 "model.arch=retinanet", "--print-config"]) == 0
+                 "model.arch=retinanet", "--label-fraction", "0.25", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["arch"] == "retinanet" and printed["model"]["norm"] == "bn"
+    assert printed["data"]["label_fraction"] == 0.25
     assert printed["data"]["kind"] == "dsb2018" and printed["model"]["anchor_sizes"] == [8, 16, 32, 64, 128]
     assert main(["det", "train", "--config", str(REPO / "configs/det/nuclei.yaml"), "--set",
                  "model.norm=batch", "--print-config"]) == 2

@@ -109,7 +109,10 @@ def _cmd_det_train(args: argparse.Namespace) -> int:
     from downstream.det.config import DetConfig
     from twinview.config import run_config
 
-    cfg = run_config(DetConfig, args.config, args.resume, args.set)
+    overrides = list(args.set)
+    if args.label_fraction is not None:
+        overrides.append(f"data.label_fraction={args.label_fraction}")
+    cfg = run_config(DetConfig, args.config, args.resume, overrides)
     if args.print_config:
         return _print_config(cfg)
     from downstream.det.train import run_detection
@@ -336,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     det_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override a config value, e.g. --set model.encoder_weights=runs/pre "
                                 "(repeatable)")
+    det_train.add_argument("--label-fraction", type=float, metavar="F",
+                           help="train on this fraction of the labelled images "
+                                "(same as --set data.label_fraction=F)")
     det_train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     det_train.add_argument("--print-config", action="store_true",
                            help="print the resolved config (file, --set, resumed run) and exit")
