@@ -28,8 +28,12 @@ from twinview.errors import DataError
 EVAL_FILE = "eval.json"
 METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 MODEL_KEYS = ("arch", "encoder", "norm", "trainable_layers", "anchor_sizes", "aspect_ratios", "min_size",
-              "max_size", "image_mean", "image_std", "score_thresh", "detections_per_img")
-_META_KEYS = (*MODEL_KEYS, "in_channels", "max_value", "category_ids", "labels")
+              "max_size", "image_mean", "image_std", "score_thresh", "detections_per_img", "fpn_channels",
+              "box_batch_size_per_image")
+# Keys that model files written before they existed lack; those files were built with the default.
+_LATER_KEYS = ("fpn_channels", "box_batch_size_per_image")
+_META_KEYS = (*(k for k in MODEL_KEYS if k not in _LATER_KEYS), "in_channels", "max_value", "category_ids",
+              "labels")
 
 
 def model_file(run: str | Path) -> Path:
@@ -47,7 +51,7 @@ def model_file(run: str | Path) -> Path:
 
 def rebuild(meta: dict[str, Any]) -> nn.Module:
     """The detector that ``meta`` (a model file's ``model_config``) describes, with random weights."""
-    cfg = DetModelConfig(**{k: meta[k] for k in MODEL_KEYS})
+    cfg = DetModelConfig(**{k: meta[k] for k in MODEL_KEYS if k in meta})
     return build_det_model(cfg, meta["in_channels"], len(meta["category_ids"]))[0]
 
 
