@@ -18,12 +18,12 @@ from twinview.config import load_config, to_dict
 from twinview.run_folder import RunFolder
 
 
-def _existing(run_dir: Path, final: str, config: dict[str, Any]) -> RunFolder | None:
-    """The run already in ``run_dir`` (checked to match ``config``), or None when there is none."""
+def _existing(run_dir: Path, final: str, cfg: Any) -> RunFolder | None:
+    """The run already in ``run_dir`` (checked to match the config ``cfg``), or None when there is none."""
     run = RunFolder(run_dir, final)
     if not run_dir.is_dir() or not run.holds_run():
         return None
-    return RunFolder.open(run_dir, final, config, resume=True)
+    return RunFolder.open(run_dir, final, to_dict(cfg), resume=True, defaults=to_dict(type(cfg)()))
 
 
 def pretrain(config_file: Path, overrides: Sequence[str], exclude_cases: Iterable[str] = ()) -> Path:
@@ -33,7 +33,7 @@ def pretrain(config_file: Path, overrides: Sequence[str], exclude_cases: Iterabl
     from pretrain.trainer import run_pretraining
 
     cfg = load_config(PretrainConfig, config_file, [*overrides, f"data.exclude_cases={list(exclude_cases)}"])
-    run = _existing(Path(cfg.out_dir), "encoder.pt", to_dict(cfg))
+    run = _existing(Path(cfg.out_dir), "encoder.pt", cfg)
     if run is None or not run.finished:
         run_pretraining(cfg, resume=run.path if run is not None else None)
     return Path(cfg.out_dir)
@@ -46,7 +46,7 @@ def finetune_seg(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
 
     cfg = load_config(SegConfig, config_file, overrides)
     run_dir = Path(cfg.out_dir)
-    run = _existing(run_dir, "model.pt", to_dict(cfg))
+    run = _existing(run_dir, "model.pt", cfg)
     summary = run_dir / "summary.json"
     if run is None or not summary.exists():
         started = time.perf_counter()
@@ -64,7 +64,7 @@ def finetune_reid(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]
 
     cfg = load_config(ReIDConfig, config_file, overrides)
     run_dir = Path(cfg.out_dir)
-    run = _existing(run_dir, "model.pt", to_dict(cfg))
+    run = _existing(run_dir, "model.pt", cfg)
     if run is None or not (run_dir / "eval.json").exists():
         run_reid(cfg, resume=run.path if run is not None else None)
     return json.loads((run_dir / "eval.json").read_text())
@@ -78,7 +78,7 @@ def finetune_det(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
 
     cfg = load_config(DetConfig, config_file, overrides)
     run_dir = Path(cfg.out_dir)
-    run = _existing(run_dir, "model.pt", to_dict(cfg))
+    run = _existing(run_dir, "model.pt", cfg)
     summary = run_dir / "summary.json"
     if run is None or not summary.exists():
         started = time.perf_counter()

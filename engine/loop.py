@@ -104,7 +104,8 @@ def session(cfg: Any, final: str, resume: str | os.PathLike[str] | None) -> Iter
     config = to_dict(cfg)
     path = resume if resume is not None else cfg.out_dir
     # Only the writing process checks the folder: the others would find what it has just created there.
-    run = (RunFolder.open(path, final, config, resume=resume is not None) if is_main
+    run = (RunFolder.open(path, final, config, resume=resume is not None, defaults=to_dict(type(cfg)()))
+           if is_main
            else RunFolder(Path(path), final))
     device = select_device(cfg.train.device)
     with run.lock() if is_main else contextlib.nullcontext():

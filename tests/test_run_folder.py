@@ -58,6 +58,18 @@ def test_changed_keys_flattens_nested_settings() -> None:
         "a.c": ([1, 2], [1, 3]), "d": (None, 0)}
 
 
+def test_an_option_added_since_the_run_counts_only_off_its_default(tmp_path: Path) -> None:
+    path = made_run(tmp_path)
+    defaults = {**CONFIG, "model": {"decoder_weights": ""}}
+    added = {**CONFIG, "model": {"decoder_weights": ""}}  # the saved run predates model.decoder_weights
+    assert RunFolder.open(path, "model.pt", added, resume=True, defaults=defaults).path == path
+    with pytest.raises(RunFolderError, match="model.decoder_weights: None -> 'runs/local'"):
+        RunFolder.open(path, "model.pt", {**CONFIG, "model": {"decoder_weights": "runs/local"}}, resume=True,
+                       defaults=defaults)
+    with pytest.raises(RunFolderError, match="model.decoder_weights"):  # without the defaults: a change
+        RunFolder.open(path, "model.pt", added, resume=True)
+
+
 def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     run = RunFolder(tmp_path / "run", "model.pt")

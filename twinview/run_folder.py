@@ -48,10 +48,14 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_keys(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ, with (saved, requested) values."""
+def changed_keys(saved: Mapping[str, Any], requested: Mapping[str, Any],
+                 defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ, with (saved, requested) values. A key that ``saved`` lacks (an
+    option added since that run) does not differ while it is requested at its value in ``defaults``."""
     old, new = flatten(saved), flatten(requested)
-    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    known = flatten(defaults) if defaults is not None else {}
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not (k not in old and k in known and new.get(k) == known[k])}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -80,9 +84,11 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], final: str, config: Mapping[str, Any], resume: bool,
-             may_change: Iterable[str] = RESUMABLE_KEYS) -> RunFolder:
+             may_change: Iterable[str] = RESUMABLE_KEYS, defaults: Mapping[str, Any] | None = None
+             ) -> RunFolder:
         """A new run in ``path`` (which must not hold anything) or, with ``resume``, the run already
-        there, checked to have been made with ``config`` but for ``may_change``."""
+        there, checked to have been made with ``config`` but for ``may_change`` (and for options added
+        since, requested at their ``defaults``)."""
         run = cls(Path(path), final)
         where = display_path(run.path)
         if run.path.exists() and not run.path.is_dir():
@@ -100,7 +106,7 @@ class RunFolder:
         if saved_file.exists():
             saved = yaml.safe_load(saved_file.read_text()) or {}
             allowed = set(may_change)
-            differ = {k: v for k, v in changed_keys(saved, config).items() if k not in allowed}
+            differ = {k: v for k, v in changed_keys(saved, config, defaults).items() if k not in allowed}
             if differ:
                 detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
                 raise RunFolderError(f"{display_path(saved_file)}: the run was made with other settings "
