@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,20 @@ def _existing(run_dir: Path, final: str, cfg: Any) -> RunFolder | None:
     if not run_dir.is_dir() or not run.holds_run():
         return None
     return RunFolder.open(run_dir, final, to_dict(cfg), resume=True, defaults=to_dict(type(cfg)()))
+
+
+def _timed_summary(cfg: Any, run: Callable[..., Any], scores: str) -> dict[str, Any]:
+    """``summary.json`` of the run ``cfg`` describes: unless it exists, ``run`` trains (or resumes) and
+    scores it, and the summary is the run's ``scores`` file plus the ``seconds`` that took."""
+    run_dir = Path(cfg.out_dir)
+    existing = _existing(run_dir, "model.pt", cfg)
+    summary = run_dir / "summary.json"
+    if existing is None or not summary.exists():
+        started = time.perf_counter()
+        run(cfg, resume=existing.path if existing is not None else None)
+        data = json.loads((run_dir / scores).read_text())
+        summary.write_text(json.dumps({**data, "seconds": time.perf_counter() - started}, indent=2) + "\n")
+    return json.loads(summary.read_text())
 
 
 def pretrain(config_file: Path, overrides: Sequence[str], exclude_cases: Iterable[str] = ()) -> Path:
@@ -44,17 +58,7 @@ def finetune_seg(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
     from downstream.seg.config import SegConfig
     from downstream.seg.train import run_segmentation
 
-    cfg = load_config(SegConfig, config_file, overrides)
-    run_dir = Path(cfg.out_dir)
-    run = _existing(run_dir, "model.pt", cfg)
-    summary = run_dir / "summary.json"
-    if run is None or not summary.exists():
-        started = time.perf_counter()
-        run_segmentation(cfg, resume=run.path if run is not None else None)
-        data = json.loads(summary.read_text())
-        data["seconds"] = time.perf_counter() - started
-        summary.write_text(json.dumps(data, indent=2) + "\n")
-    return json.loads(summary.read_text())
+    return _timed_summary(load_config(SegConfig, config_file, overrides), run_segmentation, "summary.json")
 
 
 def finetune_reid(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
@@ -76,16 +80,7 @@ def finetune_det(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
     from downstream.det.config import DetConfig
     from downstream.det.train import run_detection
 
-    cfg = load_config(DetConfig, config_file, overrides)
-    run_dir = Path(cfg.out_dir)
-    run = _existing(run_dir, "model.pt", cfg)
-    summary = run_dir / "summary.json"
-    if run is None or not summary.exists():
-        started = time.perf_counter()
-        run_detection(cfg, resume=run.path if run is not None else None)
-        scores = json.loads((run_dir / "eval.json").read_text())
-        summary.write_text(json.dumps({**scores, "seconds": time.perf_counter() - started}, indent=2) + "\n")
-    return json.loads(summary.read_text())
+    return _timed_summary(load_config(DetConfig, config_file, overrides), run_detection, "eval.json")
 
 
 def encoder_starts(encoder_dir: Path | str) -> dict[str, list[str]]:

@@ -82,9 +82,9 @@ def detect(model: nn.Module, image: torch.Tensor, device: torch.device,
     model.train(was_training)
     # RetinaNet scores class 0 (kept as background so that labels are 1..K, as in Faster R-CNN) like
     # any class; training never makes it positive, but an early model can still emit it
-    keep = (out["labels"] > 0).cpu()
-    return {k: out[k][keep.to(out[k].device)].float().cpu().numpy() if k != "labels"
-            else out[k][keep.to(out[k].device)].cpu().numpy() for k in ("boxes", "scores", "labels")}
+    keep = out["labels"] > 0
+    found = {k: out[k][keep].cpu() for k in ("boxes", "scores", "labels")}
+    return {k: (v if k == "labels" else v.float()).numpy() for k, v in found.items()}
 
 
 def results_of(image_id: int, found: dict[str, np.ndarray], ids: list[int]) -> list[dict[str, Any]]:
