@@ -28,14 +28,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from twinview.provenance import cpu_cores, cpu_name  # noqa: E402 - after the sys.path entry
+from downstream.recipes import label_tag, parse_steps, plot_label_efficiency  # noqa: E402 - after the sys.path entry
+from twinview.provenance import cpu_cores, cpu_name  # noqa: E402
 
 ARMS = {"pretrained": "SimCLR-pretrained encoder", "random": "random init (same network)"}
 METRICS = ("AP50", "AP", "AP75", "AP_small")
-
-
-def parse_steps(text: str) -> dict[float, int]:
-    return {float(k): int(v) for k, v in (item.split(":") for item in text.split(","))}
 
 
 def fixed_split(args: argparse.Namespace) -> tuple[Path, dict[str, list[str]], dict[str, str]]:
@@ -91,7 +88,8 @@ def main() -> None:
 
     steps = parse_steps(args.steps)
     fractions = [float(f) for f in args.fractions.split(",")]
-    plan = [(f, seed, [f"train.steps={steps[f]}", f"optim.warmup_steps={min(50, steps[f] // 10)}"])
+    plan = [(f, seed, [f"train.steps={steps[label_tag(f)]}",
+                       f"optim.warmup_steps={min(50, steps[label_tag(f)] // 10)}"])
             for f in fractions for seed in range(args.seeds if f < 1 else args.full_seeds)]
     common = [f"data.path={args.data}", f"data.split_file={split_file}",
               f"train.batch_size={args.batch_size}", "train.val_every_steps=0", f"train.progress={progress}"]
@@ -105,7 +103,7 @@ def main() -> None:
     write_results(args, results, fractions, steps, [names[i] for i in split["test"]], pretrain_s)
 
 
-def write_results(args: argparse.Namespace, results: dict, fractions: list[float], steps: dict[float, int],
+def write_results(args: argparse.Namespace, results: dict, fractions: list[float], steps: dict[str, int],
                   test_names: list[str], pretrain_s: float) -> None:
     rows = []
     table = ["| images | init | seeds | AP50 | per seed | AP | AP75 | AP small | steps | minutes |",
@@ -119,12 +117,13 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
                          "seeds": len(runs), **{m: stats[m][0] for m in METRICS},
                          **{f"{m}_sd": stats[m][1] for m in METRICS},
                          "per_seed_AP50": [r["AP50"] for r in runs],
-                         "steps": steps[fraction], "minutes": minutes})
+                         "steps": steps[label_tag(fraction)], "minutes": minutes})
             per_seed = " / ".join(f"{v:.3f}" for v in values["AP50"])
             table.append(f"| {fraction:.0%} ({runs[0]['train_images']}) | {ARMS[arm]} | {len(runs)} "
                          f"| {stats['AP50'][0]:.3f} ± {stats['AP50'][1]:.3f} "
                          f"| {per_seed} | {stats['AP'][0]:.3f} "
-                         f"| {stats['AP75'][0]:.3f} | {stats['AP_small'][0]:.3f} | {steps[fraction]} "
+                         f"| {stats['AP75'][0]:.3f} | {stats['AP_small'][0]:.3f} "
+                         f"| {steps[label_tag(fraction)]} "
                          f"| {minutes:.1f} |")
     machine = f"{cpu_name()}, {cpu_cores()} cores, no GPU used"
     command = "python benchmarks/det_label_efficiency.py " + " ".join(sys.argv[1:])
@@ -139,27 +138,10 @@ def write_results(args: argparse.Namespace, results: dict, fractions: list[float
     (args.results / "det_label_efficiency.md").write_text(md)
     (args.results / "det_label_efficiency.json").write_text(json.dumps(
         {"machine": machine, "command": command, "test_images": test_names, "rows": rows}, indent=2) + "\n")
-    plot(rows, args.results / "det_label_efficiency.png")
+    plot_label_efficiency(rows, ARMS, "train_images", "AP50", args.results / "det_label_efficiency.png",
+                          xlabel="labelled training images", ylabel="AP50 on the test images",
+                          title="DSB2018 nuclei: detection versus labels", figsize=(6, 4))
     print(md)
-
-
-def plot(rows: list[dict], out: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=110)
-    ax = fig.add_subplot()
-    for arm, label in ARMS.items():
-        pts = sorted((r["train_images"], r["AP50"], r["AP50_sd"]) for r in rows if r["arm"] == arm)
-        if pts:
-            x, y, sd = (np.array(v) for v in zip(*pts, strict=True))
-            ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=label)
-    ax.set_xlabel("labelled training images")
-    ax.set_ylabel("AP50 on the test images")
-    ax.set_title("DSB2018 nuclei: detection versus labels")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
 
 
 if __name__ == "__main__":

@@ -35,21 +35,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from twinview.provenance import cpu_cores, cpu_name  # noqa: E402 - after the sys.path entry
+from downstream.recipes import (  # noqa: E402 - after the sys.path entry
+    label_tag,
+    parse_labels,
+    parse_steps,
+    plot_label_efficiency,
+)
+from twinview.provenance import cpu_cores, cpu_name  # noqa: E402
 
 ARMS = {"random": "random init", "simclr": "SimCLR encoder", "gcl": "GCL encoder",
         "gcl_local": "GCL encoder + local decoder"}
 DEFAULT_LABELS = "n1,n2,n4,0.05,0.1,0.25,1.0"
 DEFAULT_STEPS = "n1:100,n2:120,n4:150,0.05:150,0.1:200,0.25:300,1.0:800"
-
-
-def parse_labels(token: str) -> float | int:
-    """``n2`` -> 2 labelled volumes; ``0.05`` -> 5 % of the training volumes."""
-    return int(token[1:]) if token.startswith("n") else float(token)
-
-
-def parse_steps(text: str) -> dict[float | int, int]:
-    return {parse_labels(k): int(v) for k, v in (item.split(":") for item in text.split(","))}
 
 
 def label_name(labels: float | int) -> str:
@@ -122,7 +119,7 @@ def main() -> None:
         parser.error(f"--arms: unknown {sorted(unknown)}; choose from {list(ARMS)}")
     labels = [parse_labels(t) for t in args.labels.split(",")]
     steps = parse_steps(args.steps)
-    if missing := [label_name(x) for x in labels if x not in steps]:
+    if missing := [label_name(x) for x in labels if label_tag(x) not in steps]:
         parser.error(f"--steps gives no steps for {missing}")
 
     from downstream.recipes import label_efficiency
@@ -144,14 +141,14 @@ def main() -> None:
                 f"train.val_every_steps={max(1, n // args.validations)}", "train.final_weights=best",
                 *args.set]
 
-    plan = [(x, seed, schedule(steps[x])) for x in labels
+    plan = [(x, seed, schedule(steps[label_tag(x)])) for x in labels
             for seed in range(args.full_seeds if isinstance(x, float) and x == 1.0 else args.seeds)]
     common = [f"data.path={args.data}", f"data.split_file={split_file}",
               f"train.batch_size={args.batch_size}", f"data.val_cases={len(split['val'])}",
               f"train.progress={str(not args.quiet).lower()}"]
-    results: dict[str, dict[float | int, list[dict]]] = {arm: {} for arm in arms}
+    results: dict[str, dict[str, list[dict]]] = {arm: {} for arm in arms}
     for s in label_efficiency(REPO / "configs/seg/hippocampus2d.yaml", args.work, starts, plan, common):
-        results[s["arm"]].setdefault(s["labels"], []).append(s)
+        results[s["arm"]].setdefault(label_tag(s["labels"]), []).append(s)
         print(f"{s['arm']:10s} {label_name(s['labels']):>10s} ({s['train_cases']:3d} cases) "
               f"seed {s['seed']}: Dice {s['test']['dice_mean']:.3f}  HD95 {s['test']['hd95_mean']:.2f} mm "
               f"(step {s['best']['step'] if s.get('best') else '-'})", flush=True)
@@ -164,14 +161,14 @@ def _stats(runs: list[dict], key: str) -> tuple[float, float]:
 
 
 def write_results(args: argparse.Namespace, results: dict, labels: list[float | int],
-                  steps: dict[float | int, int], split: dict, pretrain_minutes: dict[str, float]) -> None:
+                  steps: dict[str, int], split: dict, pretrain_minutes: dict[str, float]) -> None:
     rows, table = [], []
     table += ["| labels | cases | init | seeds | mean Dice | gain over random | per seed | Dice anterior | "
               "Dice posterior | HD95 (mm) | steps | minutes |", "|---" * 12 + "|"]
     for x in labels:
-        base = _stats(results["random"][x], "dice_mean")[0] if "random" in results else None
+        base = _stats(results["random"][label_tag(x)], "dice_mean")[0] if "random" in results else None
         for arm in results:
-            runs = results[arm][x]
+            runs = results[arm][label_tag(x)]
             dice, dice_sd = _stats(runs, "dice_mean")
             ant, post = _stats(runs, "dice_Anterior")[0], _stats(runs, "dice_Posterior")[0]
             hd, hd_sd = _stats(runs, "hd95_mean")
@@ -180,14 +177,15 @@ def write_results(args: argparse.Namespace, results: dict, labels: list[float | 
             gain = None if base is None or arm == "random" else dice - base
             rows.append({"labels": x, "cases": runs[0]["train_cases"], "arm": arm, "seeds": len(runs),
                          "dice": dice, "dice_sd": dice_sd, "gain": gain, "dice_anterior": ant,
-                         "dice_posterior": post, "hd95": hd, "hd95_sd": hd_sd, "steps": steps[x],
+                         "dice_posterior": post, "hd95": hd, "hd95_sd": hd_sd,
+                         "steps": steps[label_tag(x)],
                          "selected_steps": [(r.get("best") or {}).get("step") for r in runs],
                          "per_seed": per_seed, "minutes": minutes})
             shown = "" if gain is None else f"{gain * 100:+.1f} points"
             table.append(f"| {label_name(x)} | {runs[0]['train_cases']} | {ARMS[arm]} | {len(runs)} "
                          f"| {dice:.3f} ± {dice_sd:.3f} | {shown} "
                          f"| {' / '.join(f'{d:.3f}' for d in per_seed)} | {ant:.3f} | {post:.3f} "
-                         f"| {hd:.2f} ± {hd_sd:.2f} | {steps[x]} | {minutes:.1f} |")
+                         f"| {hd:.2f} ± {hd_sd:.2f} | {steps[label_tag(x)]} | {minutes:.1f} |")
     machine = f"{cpu_name()}, {cpu_cores()} cores, no GPU used"
     command = args.command or "python benchmarks/seg_label_efficiency.py " + " ".join(sys.argv[1:])
     pre = ", ".join(f"{k.removeprefix('pretrain_')} {v:.1f}" for k, v in pretrain_minutes.items())
@@ -205,28 +203,10 @@ def write_results(args: argparse.Namespace, results: dict, labels: list[float | 
     (args.results / "seg_label_efficiency.json").write_text(json.dumps(
         {"machine": machine, "command": command, "split": split, "pretrain_minutes": pretrain_minutes,
          "rows": rows}, indent=2) + "\n")
-    plot(rows, args.results / "seg_label_efficiency.png")
+    plot_label_efficiency(rows, ARMS, "cases", "dice", args.results / "seg_label_efficiency.png",
+                          xlabel="labelled training volumes", ylabel="mean Dice on the test cases",
+                          title="Hippocampus: Dice versus labels", log_x=True)
     print(md)
-
-
-def plot(rows: list[dict], out: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4.2), dpi=110)
-    ax = fig.add_subplot()
-    for arm, label in ARMS.items():
-        pts = sorted((r["cases"], r["dice"], r["dice_sd"]) for r in rows if r["arm"] == arm)
-        if pts:
-            x, y, sd = (np.array(v) for v in zip(*pts, strict=True))
-            ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled training volumes")
-    ax.set_ylabel("mean Dice on the test cases")
-    ax.set_title("Hippocampus: Dice versus labels")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
 
 
 if __name__ == "__main__":

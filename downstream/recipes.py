@@ -113,3 +113,38 @@ def label_efficiency(config: Path, work: Path, starts: Mapping[str, Sequence[str
             rows.append({"arm": arm, "labels": labels, "fraction": fraction, "seed": seed,
                          "run_dir": str(run_dir), **summary})
     return rows
+
+
+def parse_labels(token: str) -> float | int:
+    """A label setting on a command line: ``n2`` -> 2 labelled cases, ``0.05`` -> 5 % of them."""
+    return int(token[1:]) if token.startswith("n") else float(token)
+
+
+def parse_steps(text: str) -> dict[str, int]:
+    """``n1:100,1.0:800`` -> training steps per label setting, keyed by :func:`label_tag` (``n1``,
+    ``f1``): as numbers, one labelled case and 100 % would be the same key."""
+    return {label_tag(parse_labels(k)): int(v) for k, v in (item.split(":") for item in text.split(","))}
+
+
+def plot_label_efficiency(rows: Sequence[Mapping[str, Any]], arms: Mapping[str, str], x: str, y: str,
+                          out: Path, *, xlabel: str, ylabel: str, title: str, log_x: bool = False,
+                          figsize: tuple[float, float] = (6.5, 4.2)) -> None:
+    """One curve per start (``arms``: row ``arm`` -> legend) of ``y`` (± ``<y>_sd`` over seeds) against
+    ``x``, saved to ``out``."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=110)
+    ax = fig.add_subplot()
+    for arm, label in arms.items():
+        pts = sorted((r[x], r[y], r[f"{y}_sd"]) for r in rows if r["arm"] == arm)
+        if pts:
+            xs, ys, sd = (np.array(v) for v in zip(*pts, strict=True))
+            ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from downstream.recipes import encoder_starts, label_efficiency, label_tag
+from downstream.recipes import encoder_starts, label_efficiency, label_tag, parse_labels, parse_steps
 
 
 def test_label_efficiency_crosses_starts_with_fractions_and_counts(tmp_path: Path) -> None:
@@ -28,3 +28,10 @@ def test_label_efficiency_crosses_starts_with_fractions_and_counts(tmp_path: Pat
     assert "model.decoder_weights=runs/loc" in last
     assert calls[1][1][4] == "model.encoder_weights="  # random init
     assert [label_tag(x) for x in (1, 1.0, 0.05)] == ["n1", "f1", "f0.05"]
+
+
+def test_label_settings_parse_as_counts_or_fractions() -> None:
+    assert parse_labels("n2") == 2 and isinstance(parse_labels("n2"), int)
+    assert parse_labels("1") == 1.0 and isinstance(parse_labels("1"), float)
+    # one labelled case and 100 % are different settings, though 1 == 1.0
+    assert parse_steps("n1:100,0.05:150,1.0:800") == {"n1": 100, "f0.05": 150, "f1": 800}
