@@ -46,7 +46,7 @@ from twinview.provenance import cpu_cores, cpu_name  # noqa: E402
 ARMS = {"random": "random init", "simclr": "SimCLR encoder", "gcl": "GCL encoder",
         "gcl_local": "GCL encoder + local decoder"}
 DEFAULT_LABELS = "n1,n2,n4,0.05,0.1,0.25,1.0"
-DEFAULT_STEPS = "n1:100,n2:120,n4:150,0.05:150,0.1:200,0.25:300,1.0:800"
+DEFAULT_STEPS = "n1:200,n2:200,n4:200,0.05:200,0.1:250,0.25:300,1.0:800"
 
 
 def label_name(labels: float | int) -> str:
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=6)
     parser.add_argument("--pretrain-size", type=int, default=48)
     parser.add_argument("--pretrain-batch", type=int, default=128)
-    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--local-batch", type=int, default=64)
     parser.add_argument("--arms", default=",".join(ARMS), help=f"which starts to run, from {','.join(ARMS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,35 @@ def load_payload(path: Path, required_keys: Sequence[str] | Sequence[Sequence[st
         found = ", ".join(sorted(map(str, payload))[:8]) or "nothing"
         raise CheckpointError(path, f"not a twinview {what} file: it holds {found}, not {wanted}")
     return payload
+
+
+def load_weights_file(path: str | Path, file_name: str, kind: str, expected: Mapping[str, object],
+                      hint: str, fits: str = "this model") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a run's ``file_name`` (``path`` is the file or its run folder): its ``kind`` tensors and
+    ``{kind}_config`` metadata, after checking every ``expected`` metadata value.
+
+    A missing file, a link loop, metadata that is not a mapping or any difference from ``expected`` is a
+    ``ConfigError`` naming the file (``hint`` says what to pass instead); a file that is no twinview
+    ``kind`` file (a bare tensor, a plain pickle, a truncated file) a ``DataError``.
+    """
+    from twinview.config import ConfigError
+    from twinview.errors import is_link_loop
+
+    path = Path(path)
+    path = path / file_name if path.is_dir() else path
+    if is_link_loop(path):
+        raise ConfigError(path, f"symbolic link loop; {hint}")
+    if not path.exists():
+        raise ConfigError(path, f"no {kind} weights here; {hint}")
+    payload = load_payload(path, (kind, f"{kind}_config"), kind)
+    meta = payload[f"{kind}_config"]
+    if not isinstance(meta, dict):
+        raise ConfigError(path, f"not a twinview {kind} file: its {kind}_config is not a mapping")
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: {kind} has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
+        raise ConfigError(path, f"{kind} does not fit {fits} ({detail})")
+    return payload[kind], meta
 
 
 def rng_state() -> dict[str, Any]:

@@ -222,24 +222,10 @@ def load_encoder_file(path: str | Path, target: nn.Module, expected: Mapping[str
     small_stem, ...); a missing file or any difference is a ``ConfigError`` that names the file, a file
     that is no twinview encoder (a bare tensor, a plain pickle, a truncated file) a ``DataError``.
     """
-    from engine.checkpoint import load_payload
-    from twinview.config import ConfigError
-    from twinview.errors import is_link_loop
+    from engine.checkpoint import load_weights_file
 
-    path = Path(path)
-    path = path / "encoder.pt" if path.is_dir() else path
-    if is_link_loop(path):
-        raise ConfigError(path, "symbolic link loop; pass a pretraining run folder or its encoder.pt")
-    if not path.exists():
-        raise ConfigError(path, "no encoder weights here; pass a pretraining run folder or its encoder.pt")
-    payload = load_payload(path, ("encoder", "encoder_config"), "encoder")
-    meta = payload["encoder_config"]
-    if not isinstance(meta, dict):
-        raise ConfigError(path, "not a twinview encoder file: its encoder_config is not a mapping")
-    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-    if wrong:
-        detail = ", ".join(f"{k}: encoder has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
-        raise ConfigError(path, f"encoder does not fit the {type(target).__name__} it is loaded into "
-                                f"({detail})")
-    load_encoder_weights(target, payload["encoder"])
+    state, meta = load_weights_file(path, "encoder.pt", "encoder", expected,
+                                    "pass a pretraining run folder or its encoder.pt",
+                                    fits=f"the {type(target).__name__} it is loaded into")
+    load_encoder_weights(target, state)
     return meta

@@ -40,23 +40,15 @@ def decoder_meta(encoder: str, spatial_dims: int, in_channels: int) -> dict[str,
 def load_decoder_file(path: str | Path, unet: nn.Module, expected: dict[str, Any]) -> dict[str, Any]:
     """Load a decoder-pretraining run's ``decoder.pt`` (or the run folder) into ``unet.decoder``; returns
     its metadata. A missing file or a decoder made for another U-Net is a one-line ``ConfigError``."""
-    from engine.checkpoint import load_payload
+    from engine.checkpoint import load_weights_file
     from twinview.config import ConfigError
 
-    path = Path(path)
-    path = path / DECODER_FILE if path.is_dir() else path
-    if not path.exists():
-        raise ConfigError(path, "no decoder weights here; pass a decoder-pretraining run (method local) "
-                                f"or its {DECODER_FILE}")
-    payload = load_payload(path, ("decoder", "decoder_config"), "decoder")
-    meta = payload["decoder_config"]
-    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-    if wrong:
-        detail = ", ".join(f"{k}: decoder has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
-        raise ConfigError(path, f"decoder does not fit this U-Net ({detail})")
+    state, meta = load_weights_file(path, DECODER_FILE, "decoder", expected,
+                                    f"pass a decoder-pretraining run (method local) or its {DECODER_FILE}",
+                                    fits="this U-Net")
     own = unet.decoder.state_dict()
-    state = payload["decoder"]
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
-        raise ConfigError(path, "decoder tensors do not match this U-Net's decoder (another decoder layout)")
+        file = Path(path) / DECODER_FILE if Path(path).is_dir() else Path(path)
+        raise ConfigError(file, "decoder tensors do not match this U-Net's decoder (another decoder layout)")
     unet.decoder.load_state_dict(state)
     return meta
