@@ -14,6 +14,8 @@ import hashlib
 import html
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,17 @@ def show(model: OnnxModel, result: dict[str, Any], label_file: Any) -> None:
                            mime="image/png")
 
 
+@contextmanager
+def shown_as_error(name: str, action: str) -> Iterator[None]:
+    """A bad or oversized upload becomes one line on the page, not a traceback."""
+    try:
+        yield
+    except DataError as err:
+        st.error(str(err))
+    except MemoryError:
+        st.error(f"{name}: too large to {action} this machine's memory")
+
+
 def main() -> None:
     st.set_page_config(page_title="twinview segmentation", layout="wide")
     st.title("Segmentation")
@@ -180,12 +193,8 @@ def main() -> None:
         if upload is None:
             st.caption(f"Uploads up to {cap:g} MB. Nothing is written to disk.")
             return
-        try:
+        with shown_as_error(upload.name, "detect in"):
             show_detections(model, detected(model, upload.name, upload.getvalue()))
-        except DataError as err:
-            st.error(str(err))
-        except MemoryError:
-            st.error(f"{upload.name}: too large to detect in this machine's memory")
         return
     upload = st.file_uploader("Image: NIfTI, zipped DICOM series, PNG or TIFF",
                               type=list(volumes.UPLOAD_TYPES), max_upload_size=math.ceil(cap))
@@ -194,12 +203,8 @@ def main() -> None:
     if upload is None:
         st.caption(f"Uploads up to {cap:g} MB. Nothing is written to disk; DICOM patient tags are not read.")
         return
-    try:
+    with shown_as_error(upload.name, "segment in"):
         show(model, segmented(model, upload.name, upload.getvalue()), label_file)
-    except DataError as err:
-        st.error(str(err))
-    except MemoryError:
-        st.error(f"{upload.name}: too large to segment in this machine's memory")
 
 
 main()

@@ -276,11 +276,14 @@ class LocalContrast(nn.Module):
     decoder; a 1x1-convolution projection follows, its map is averaged over a ``grid`` x ``grid`` of
     regions, and :func:`local_contrastive` makes each region match the same region of the other view
     and differ from the image's other regions. ``.encoder`` is the fixed encoder, ``.decoder`` the
-    pretrained decoder (what ``decoder.pt`` holds).
+    pretrained decoder (what ``decoder.pt`` holds); ``encoder_method`` names the method that trained the
+    fixed encoder (a run's ``encoder.pt`` records it).
     """
 
-    def __init__(self, unet: nn.Module, projection: nn.Module, grid: int = 4, temperature: float = 0.1):
+    def __init__(self, unet: nn.Module, projection: nn.Module, grid: int = 4, temperature: float = 0.1,
+                 encoder_method: str = "") -> None:
         super().__init__()
+        self.encoder_method = encoder_method
         self.encoder = unet.encoder.requires_grad_(False)
         self.decoder = unet.decoder
         self.skip_connect = unet.skip_connect
@@ -326,9 +329,11 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_method(name: str, encoder: nn.Module, unet: nn.Module | None = None, **cfg: Any) -> Method:
+def build_method(name: str, encoder: nn.Module, unet: nn.Module | None = None, encoder_method: str = "",
+                 **cfg: Any) -> Method:
     """Build a method around ``encoder`` (which needs ``feat_dim``) with heads sized by ``cfg``; ``local``
-    trains the decoder of ``unet`` (a FlexibleUNet whose encoder holds the pretrained weights).
+    trains the decoder of ``unet`` (a FlexibleUNet whose encoder holds the weights that ``encoder_method``
+    pretrained).
 
     Options are those of ``PAPER_DEFAULTS`` (proj_hidden, proj_out, pred_hidden, temperature,
     queue_size, momentum, tau_base, partitions, position_threshold, local_grid). A method ignores the
@@ -353,7 +358,7 @@ def build_method(name: str, encoder: nn.Module, unet: nn.Module | None = None, *
         channels = unet.decoder.blocks[-1].convs.conv_1.conv.out_channels
         spatial_dims = 2 if isinstance(unet.decoder.blocks[-1].convs.conv_1.conv, nn.Conv2d) else 3
         projection = local_projection(channels, o["proj_hidden"], o["proj_out"], spatial_dims)
-        return LocalContrast(unet, projection, o["local_grid"], o["temperature"])
+        return LocalContrast(unet, projection, o["local_grid"], o["temperature"], encoder_method)
     if name == "simclr":
         return SimCLR(encoder, simclr_projection(d, o["proj_hidden"], o["proj_out"]), o["temperature"])
     if name == "moco":

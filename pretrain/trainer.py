@@ -52,27 +52,37 @@ def build_model(cfg: PretrainConfig, spatial_dims: int) -> nn.Module:
     encoder = build_encoder(cfg.model.encoder, in_channels=cfg.data.channels, spatial_dims=spatial_dims,
                             small_stem=cfg.model.small_stem)
     m = cfg.method
-    unet, loaded = None, {}
+    unet, encoder_method = None, ""
     expected = {"name": cfg.model.encoder, "spatial_dims": spatial_dims, "in_channels": cfg.data.channels,
                 "small_stem": cfg.model.small_stem}
     if m.name == "local":
-        if not cfg.model.encoder_weights:
-            raise ConfigError(None, "method local pretrains a decoder on a fixed, pretrained encoder: set "
-                                    "model.encoder_weights to an encoder pretraining run")
-        if cfg.model.small_stem:
-            raise ConfigError(None, "method local trains the segmentation U-Net's decoder, whose encoder has "
-                                    "the standard stem; set model.small_stem=false")
+        _check_local(cfg)
         unet = build_flexible_unet(cfg.model.encoder, spatial_dims, cfg.data.channels, 1)
         loaded = load_encoder_file(cfg.model.encoder_weights, unet.encoder, expected)
+        encoder_method = loaded.get("method", "")
     elif cfg.model.encoder_weights:
-        loaded = load_encoder_file(cfg.model.encoder_weights, encoder, expected)
-    method = build_method(m.name, encoder, unet, temperature=m.temperature, proj_hidden=m.proj_hidden,
-                          proj_out=m.proj_out, pred_hidden=m.pred_hidden, queue_size=m.queue_size,
-                          momentum=m.momentum, tau_base=m.tau_base, partitions=m.partitions,
-                          position_threshold=m.position_threshold, local_grid=m.local_grid)
-    # a fixed encoder is still the product of the method that trained it
-    method.encoder_method = loaded.get("method") if m.name == "local" else m.name
-    return method
+        load_encoder_file(cfg.model.encoder_weights, encoder, expected)
+    return build_method(m.name, encoder, unet, encoder_method, temperature=m.temperature,
+                        proj_hidden=m.proj_hidden, proj_out=m.proj_out, pred_hidden=m.pred_hidden,
+                        queue_size=m.queue_size, momentum=m.momentum, tau_base=m.tau_base,
+                        partitions=m.partitions, position_threshold=m.position_threshold,
+                        local_grid=m.local_grid)
+
+
+def _check_local(cfg: PretrainConfig) -> None:
+    """Decoder pretraining runs the segmentation U-Net on a fixed encoder with views of one geometry."""
+    if not cfg.model.encoder_weights:
+        raise ConfigError(None, "method local pretrains a decoder on a fixed, pretrained encoder: set "
+                                "model.encoder_weights to an encoder pretraining run")
+    if cfg.model.small_stem:
+        raise ConfigError(None, "method local trains the segmentation U-Net's decoder, whose encoder has "
+                                "the standard stem; set model.small_stem=false")
+    if cfg.data.views not in ALIGNABLE:
+        raise ConfigError(None, f"method local needs views with one geometry for both views; data.views "
+                                f"{cfg.data.views!r} has none (choose from {sorted(ALIGNABLE)})")
+    if any(s % UNET_DIVISOR for s in cfg.data.size):
+        raise ConfigError(None, f"data.size {cfg.data.size}: method local runs the U-Net, whose input "
+                                f"sides must be multiples of {UNET_DIVISOR}")
 
 
 class PretrainTask(Task):
@@ -88,13 +98,8 @@ class PretrainTask(Task):
 
     def build(self, device: torch.device, rank: int, world: int) -> Parts:
         cfg, t = self.cfg, self.cfg.train
-        local = cfg.method.name == "local"
-        if local and cfg.data.views not in ALIGNABLE:
-            raise ConfigError(None, f"method local needs views with one geometry for both views; data.views "
-                                    f"{cfg.data.views!r} has none (choose from {sorted(ALIGNABLE)})")
-        if local and any(s % UNET_DIVISOR for s in cfg.data.size):
-            raise ConfigError(None, f"data.size {cfg.data.size}: method local runs the U-Net, whose input "
-                                    f"sides must be multiples of {UNET_DIVISOR}")
+        model = build_model(cfg, self.spatial_dims)  # checks the method's settings before any data work
+        local = isinstance(model, LocalContrast)
         views = build_views(cfg.data.views, tuple(cfg.data.size), spatial_dims=self.spatial_dims,
                             channels=cfg.data.channels, aligned=local)
         positional = cfg.method.name in POSITIONAL
@@ -114,7 +119,7 @@ class PretrainTask(Task):
         total_steps = steps_per_epoch * t.epochs
         if t.max_steps:
             total_steps = min(total_steps, t.max_steps)
-        model = build_model(cfg, self.spatial_dims).to(device)
+        model = model.to(device)
         self.memory_format = (torch.channels_last if t.channels_last and self.spatial_dims == 2
                               else torch.contiguous_format)
         model = model.to(memory_format=self.memory_format)
@@ -155,7 +160,9 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
         encoder_path = s.run.path / "encoder.pt"
         monitor: dict[str, float] = {}
         if s.is_main and task.method is not None:
-            meta = {**_encoder_meta(cfg, task.spatial_dims), "method": task.method.encoder_method}
+            trained_by = (task.method.encoder_method if isinstance(task.method, LocalContrast)
+                          else cfg.method.name)  # a fixed encoder is the product of its own stage
+            meta = {**_encoder_meta(cfg, task.spatial_dims), "method": trained_by}
             atomic_save({"encoder": task.method.encoder.state_dict(), "encoder_config": meta}, encoder_path)
             write_card_for(encoder_path, meta, "encoder")
             if isinstance(task.method, LocalContrast):
