@@ -49,19 +49,6 @@ def select_amp(preference: str, device: torch.device, spatial_dims: int = 2) -> 
     return torch.bfloat16
 
 
-def conv_memory_format(device: torch.device, amp_dtype: torch.dtype | None, spatial_dims: int = 2
-                       ) -> torch.memory_format:
-    """``channels_last`` for 2D convolutions (faster), except under bf16 autocast on the CPU.
-
-    There torch 2.14's oneDNN kernels gave non-finite activations on channels_last inputs: a ResNet-18
-    SimCLR run on 64x32 crops turned NaN within 10 steps on an AMX Xeon, and trained normally on
-    contiguous tensors.
-    """
-    if spatial_dims != 2 or (device.type == "cpu" and amp_dtype == torch.bfloat16):
-        return torch.contiguous_format
-    return torch.channels_last
-
-
 def set_determinism(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and torch; ``deterministic`` also forbids non-deterministic kernels."""
     random.seed(seed)

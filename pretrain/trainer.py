@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from engine.checkpoint import atomic_save
-from engine.device import conv_memory_format, select_amp
+from engine.device import select_amp
 from engine.loop import LoopSettings, NonFiniteLossError, Parts, Task, session, train
 from engine.optim import warmup_cosine
 from engine.sampling import ResumableSampler
@@ -120,7 +120,7 @@ class PretrainTask(Task):
         if t.max_steps:
             total_steps = min(total_steps, t.max_steps)
         model = model.to(device)
-        self.memory_format = (conv_memory_format(device, self.amp_dtype, self.spatial_dims) if t.channels_last
+        self.memory_format = (torch.channels_last if t.channels_last and self.spatial_dims == 2
                               else torch.contiguous_format)
         model = model.to(memory_format=self.memory_format)
         if cfg.model.sync_bn and world > 1:

@@ -106,14 +106,3 @@ def test_a_non_finite_loss_is_a_one_line_error_naming_the_last_good_checkpoint(t
     with pytest.raises(NonFiniteLossError, match="loss became nan at step 5 .*ckpt-00000003.pt") as err:
         run_toy(tmp_path / "run", ToyTask(nan_at=5))
     assert "\n" not in str(err.value)
-
-
-def test_bf16_autocast_on_the_cpu_keeps_conv_inputs_contiguous() -> None:
-    """channels_last under CPU bf16 autocast gave non-finite activations (torch 2.14, oneDNN on AMX)."""
-    from engine.device import conv_memory_format
-
-    cpu = torch.device("cpu")
-    assert conv_memory_format(cpu, torch.bfloat16) == torch.contiguous_format
-    assert conv_memory_format(cpu, None) == torch.channels_last
-    assert conv_memory_format(cpu, None, spatial_dims=3) == torch.contiguous_format
-    assert conv_memory_format(torch.device("cuda"), torch.bfloat16) == torch.channels_last

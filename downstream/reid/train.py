@@ -25,7 +25,7 @@ from downstream.reid.losses import batch_hard_triplet_loss, id_loss
 from downstream.reid.model import ReIDModel
 from downstream.reid.sampler import PKSampler
 from engine.checkpoint import atomic_save, load_checkpoint
-from engine.device import conv_memory_format, select_amp
+from engine.device import select_amp
 from engine.loop import LoopSettings, Parts, Task, finished_result, session, train
 from engine.optim import param_groups
 from pretrain.encoders import load_encoder_file
@@ -77,10 +77,8 @@ class ReIDTrainTask(Task):
 
     name = "re-ID"
 
-    def __init__(self, cfg: ReIDConfig, records: list, labels: dict[int, int], model: ReIDModel,
-                 memory_format: torch.memory_format) -> None:
+    def __init__(self, cfg: ReIDConfig, records: list, labels: dict[int, int], model: ReIDModel) -> None:
         self.cfg, self.records, self.labels, self.model = cfg, records, labels, model
-        self.memory_format = memory_format
 
     def build(self, device: torch.device, rank: int, world: int) -> Parts:
         cfg, t = self.cfg, self.cfg.train
@@ -109,7 +107,7 @@ class ReIDTrainTask(Task):
 
     def compute_loss(self, model: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         lc = self.cfg.loss
-        x = b[0].to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+        x = b[0].to(self.device, non_blocking=True).to(memory_format=torch.channels_last)
         y = b[1].to(self.device, non_blocking=True)
         feat, logits = model(x)
         return (lc.id_weight * id_loss(logits.float(), y, lc.label_smoothing)
@@ -129,14 +127,13 @@ def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
         if cfg.model.encoder_weights:
             meta["pretraining_method"] = load_pretrained_backbone(model, cfg.model.encoder_weights,
                                                                   cfg.model.encoder).get("method")
-        memory_format = conv_memory_format(s.device, amp_dtype)
-        model = model.to(s.device).to(memory_format=memory_format)
+        model = model.to(s.device).to(memory_format=torch.channels_last)
         model_path = s.run.path / "model.pt"
         if s.run.finished:
             model.load_state_dict(load_checkpoint(model_path, map_location=s.device)["model"])
             result = finished_result(s.run)
         else:
-            result = train(ReIDTrainTask(cfg, market.train, labels, model, memory_format), s.run,
+            result = train(ReIDTrainTask(cfg, market.train, labels, model), s.run,
                            LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
             if s.is_main:
                 atomic_save({"model": model.state_dict(), "model_config": meta}, model_path)

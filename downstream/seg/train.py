@@ -41,7 +41,7 @@ from downstream.seg.model import (
     set_encoder_frozen,
 )
 from engine.checkpoint import atomic_save, load_checkpoint
-from engine.device import conv_memory_format, select_amp
+from engine.device import select_amp
 from engine.loop import BEST_FILE, LoopSettings, Parts, Task, finished_result, session, train
 from engine.optim import param_groups, warmup_cosine
 from engine.sampling import ResumableSampler
@@ -125,7 +125,7 @@ class SegTrainTask(Task):
         loader = DataLoader(self.dataset, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
                             pin_memory=device.type == "cuda")
         self.device = device
-        self.memory_format = conv_memory_format(device, self.amp_dtype, d.spatial_dims)
+        self.memory_format = torch.channels_last if d.spatial_dims == 2 else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay,
                                                    encoder_of(self.model), cfg.model.encoder_lr_mult))
