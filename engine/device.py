@@ -25,27 +25,22 @@ def select_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+def select_amp(preference: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: on a GPU bf16 (fp16 without bf16); on the CPU ``auto`` is fp32.
 
-
-def select_amp(preference: str, device: torch.device, spatial_dims: int = 2) -> torch.dtype | None:
-    """The autocast dtype: bf16 where it is fast and safe, fp16 on GPUs without bf16, else fp32.
-
-    ``auto`` on the CPU takes bf16 only for 2D models on CPUs with native bf16: on a Xeon without
-    AVX512-BF16, a ResNet-18 SimCLR step ran 2-3x slower in bf16 than in fp32, and torch 2.14's bf16
-    ``conv3d`` backward on the CPU gave non-finite gradients (ResNet-18 on 16^3 patches).
+    bf16 autocast on the CPU is not safe with torch 2.14: on an AMX Xeon a ResNet-18 SimCLR run on
+    64x32 crops gave non-finite activations within 10 steps (with channels_last inputs or without, one
+    thread or two), ``conv3d`` backward gave non-finite gradients, and CPUs without native bf16 ran a
+    step 2-3x slower. ``bf16`` still forces it, for CPUs where it is known to work.
     """
     if preference == "fp32":
         return None
     if preference == "fp16":
         return torch.float16
     if preference == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if spatial_dims == 3 or not cpu_has_native_bf16():
+        if device.type != "cuda":
             return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16
 
 

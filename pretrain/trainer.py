@@ -155,7 +155,7 @@ def run_pretraining(cfg: PretrainConfig, resume: Path | None = None) -> RunResul
     """Train (or resume) a run; returns where it wrote its results."""
     with session(cfg, "encoder.pt", resume) as s:
         task = PretrainTask(cfg, None)
-        task.amp_dtype = amp_dtype = select_amp(cfg.train.amp, s.device, task.spatial_dims)
+        task.amp_dtype = amp_dtype = select_amp(cfg.train.amp, s.device)
         result = train(task, s.run, LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
         encoder_path = s.run.path / "encoder.pt"
         monitor: dict[str, float] = {}

@@ -106,3 +106,13 @@ def test_a_non_finite_loss_is_a_one_line_error_naming_the_last_good_checkpoint(t
     with pytest.raises(NonFiniteLossError, match="loss became nan at step 5 .*ckpt-00000003.pt") as err:
         run_toy(tmp_path / "run", ToyTask(nan_at=5))
     assert "\n" not in str(err.value)
+
+
+def test_auto_precision_is_fp32_on_the_cpu() -> None:
+    """CPU bf16 autocast gave non-finite activations with torch 2.14 (AMX Xeon): ``auto`` must not pick it."""
+    from engine.device import select_amp
+
+    cpu = torch.device("cpu")
+    assert select_amp("auto", cpu) is None
+    assert select_amp("fp32", cpu) is None
+    assert select_amp("bf16", cpu) == torch.bfloat16

@@ -147,7 +147,7 @@ def run_detection(cfg: DetConfig, resume: Path | None = None) -> DetResult:
     t = cfg.train
     det_set = read_det_set(cfg.data)
     with session(cfg, "model.pt", resume) as s:
-        amp_dtype = select_amp(t.amp, s.device, 2)
+        amp_dtype = select_amp(t.amp, s.device)
         split = load_split(s.run.path, cfg, det_set)
         meta = model_metadata(cfg, det_set)
         model, encoder_meta = build_det_model(cfg.model, cfg.data.in_channels, len(meta["category_ids"]))

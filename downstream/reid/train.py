@@ -121,7 +121,7 @@ def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
     market = read_market1501(Path(cfg.data.path))
     labels = relabel(market.train)
     with session(cfg, "model.pt", resume) as s:
-        amp_dtype = select_amp(cfg.train.amp, s.device, 2)
+        amp_dtype = select_amp(cfg.train.amp, s.device)
         model = ReIDModel(len(labels), cfg.model.encoder, cfg.model.last_stride, cfg.model.pooling)
         meta = model_metadata(cfg, len(labels), "reid")
         if cfg.model.encoder_weights:

@@ -162,7 +162,7 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
     task = read_task(d)
     check_config(cfg, task)
     with session(cfg, "model.pt", resume) as s:
-        amp_dtype = select_amp(t.amp, s.device, d.spatial_dims)
+        amp_dtype = select_amp(t.amp, s.device)
         split = load_split(s.run.path, cfg, task)
         meta = model_metadata(cfg, task)
         model = build_seg_model(cfg.model, d.spatial_dims, task.in_channels, meta["out_channels"])
