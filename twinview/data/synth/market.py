@@ -4,10 +4,12 @@ Each identity has fixed clothing and body parts: skin, hair (short or long), upp
 pattern (plain, stripes, chest logo, two-tone, checks), sleeves, lower-body colour and kind (trousers,
 shorts, skirt), shoes, bag (none, backpack, shoulder bag, hand bag) and body build. Colours come from a
 small palette, so many identities share their dominant colours and differ only in pattern and parts:
-matching needs more than mean colour. Each of the six cameras has its own colour cast, gamma,
-brightness, textured background, typical viewpoint (front, back or side; the back hides the logo and
-shows the backpack), framing and occluders (poles, bicycles, cars, passers-by). Every image adds pose
-(legs, arms), framing jitter, horizontal flips, blur and sensor noise.
+matching needs more than mean colour; patterns are coarse enough to survive 64x32 inputs. Each of the
+six cameras has its own colour cast, gamma, brightness, a wide scene of three textured areas that
+people walk across (so the background varies within a camera, as in real footage), typical viewpoint
+(front, back or side; the back hides the logo and shows the backpack), framing and occluders (poles,
+bicycles, cars, passers-by). Every image adds pose (legs, arms), framing jitter, horizontal flips, blur
+and sensor noise.
 
 Splits follow the Market-1501 protocol: ``bounding_box_train/`` and the test identities are disjoint;
 ``query/`` holds one image per test identity and camera, ``bounding_box_test/`` (the gallery) the
@@ -188,7 +190,7 @@ def _camera(rng: np.random.Generator) -> Camera:
     return Camera(
         gain=cast / cast.mean() * rng.uniform(0.75, 1.15),
         gamma=float(rng.uniform(0.8, 1.25)),
-        background=_background(rng),
+        background=np.concatenate([_background(rng) for _ in range(3)], axis=1),  # a wide, varied scene
         back_prob=float(rng.uniform(0.1, 0.9)),
         side_prob=float(rng.uniform(0.05, 0.25)),
         occlusion=float(rng.uniform(0.1, 0.4)),
@@ -341,12 +343,12 @@ def _draw_torso(canvas: Image.Image, p: Identity, view: str, fig: _Figure) -> No
     x0, y0 = round(fig.cx - fig.half), round(fig.y(0.15))
     tw, th = max(round(fig.cx + fig.half) - x0, 2), max(round(fig.y(0.5)) - y0, 2)
     yy, xx = np.mgrid[0:th, 0:tw]
-    period = max(int(fig.h * 0.035), 3)
+    period = max(int(fig.h * 0.07), 6)  # stripes 2 px wide or more at 64x32
     accent = {
         "plain": np.zeros((th, tw), bool),
         "hstripes": (yy // period) % 2 == 1,
         "vstripes": (xx // period) % 2 == 1,
-        "logo": (np.abs(xx - tw / 2) < tw * 0.22) & (np.abs(yy - th * 0.35) < th * 0.14) & (view == "front"),
+        "logo": (np.abs(xx - tw / 2) < tw * 0.3) & (np.abs(yy - th * 0.35) < th * 0.2) & (view == "front"),
         "split": xx > tw / 2,
         "check": ((yy // period) + (xx // period)) % 2 == 1,
     }[p.pattern]
