@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SEG_VOLUMES, SEG_SEEDS, SEG_STEPS = 2, 3, 150  # stage 3: the few-label regime, mean and spread over seeds
 
 
 def _stage(title: str) -> float:
@@ -85,15 +86,18 @@ def _pretrain_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
 
 
 def _seg_stage(out: Path, msd: Path, seed: int, quick: bool) -> dict:
+    import numpy as np
+
     from downstream.recipes import encoder_starts, label_efficiency, pretrain
     from downstream.seg.config import SegConfig
     from downstream.seg.data import make_split, read_task
     from twinview.config import load_config
 
-    test_cases, fraction = (2, 0.5) if quick else (10, 0.1)
+    test_cases, labelled = (2, 1) if quick else (10, SEG_VOLUMES)
+    seeds = [seed] if quick else [seed + i for i in range(SEG_SEEDS)]
     progress = str(not quick).lower()
     common = [f"data.path={msd}", f"data.test_cases={test_cases}", "data.val_cases=0",
-              "train.val_every_steps=0", f"train.steps={4 if quick else 200}", "train.batch_size=16",
+              "train.val_every_steps=0", f"train.steps={4 if quick else SEG_STEPS}", "train.batch_size=16",
               "optim.warmup_steps=2", f"train.progress={progress}"]
     probe = load_config(SegConfig, REPO / "configs/seg/hippocampus2d.yaml", common)
     test_ids = make_split([c.case_id for c in read_task(probe.data).cases], probe.data, seed)["test"]
@@ -104,13 +108,18 @@ def _seg_stage(out: Path, msd: Path, seed: int, quick: bool) -> dict:
         f"train.batch_size={32 if quick else 128}", "train.knn_every_epochs=0", "optim.warmup_epochs=1",
         f"train.progress={progress}"], exclude_cases=test_ids)
     rows = label_efficiency(REPO / "configs/seg/hippocampus2d.yaml", out / "seg", encoder_starts(pre_dir),
-                            [(fraction, seed, [])], common)
-    results = {row["arm"]: row for row in rows}
-    title = f"segmentation, {results['random']['train_cases']} labelled volumes"
-    print(f"  {title:38s} Dice    HD95 (mm)  ({test_cases} test volumes)")
+                            [(labelled, s, []) for s in seeds], common)
+    results: dict = {"labelled_volumes": labelled, "test_volumes": test_cases, "seeds": seeds}
+    title = f"segmentation, {labelled} labelled volume{'s' if labelled > 1 else ''}"
+    print(f"  {title:38s} Dice            HD95 (mm)  ({len(seeds)} seeds, {test_cases} test volumes)")
     for arm, label in (("pretrained", "SimCLR-pretrained encoder"), ("random", "random init")):
-        test = results[arm]["test"]
-        print(f"  {label:38s} {test['dice_mean']:.3f}  {test['hd95_mean']:.2f}")
+        runs = [r for r in rows if r["arm"] == arm]
+        dice = [r["test"]["dice_mean"] for r in runs]
+        hd95 = [r["test"]["hd95_mean"] for r in runs]
+        r = results[arm] = {"dice_mean": float(np.mean(dice)), "dice_sd": float(np.std(dice)),
+                            "hd95_mean": float(np.mean(hd95)), "hd95_sd": float(np.std(hd95)), "runs": runs}
+        print(f"  {label:38s} {r['dice_mean']:.3f} ± {r['dice_sd']:.3f}  "
+              f"{r['hd95_mean']:5.2f} ± {r['hd95_sd']:.2f}")
     (out / "seg_summary.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -136,7 +145,8 @@ def _export_stage(out: Path, seg: dict) -> dict[str, str]:
     from downstream.export import export_run
 
     models = out / "models"
-    sources = {"reid.onnx": out / "reid_pretrained", "segmentation.onnx": Path(seg["pretrained"]["run_dir"])}
+    sources = {"reid.onnx": out / "reid_pretrained",
+               "segmentation.onnx": Path(seg["pretrained"]["runs"][0]["run_dir"])}
     done = {}
     for name, run in sources.items():
         target = models / name
