@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -153,8 +154,18 @@ def _tiny(nuclei: Path, out: Path, *extra: str) -> DetConfig:
         "train.progress=false", "train.amp=fp32", "optim.warmup_steps=1", *extra])
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One CPU thread: with two, the detector's training steps were not bitwise reproducible within one
+    process on an AMX Xeon once another test had run a detector; the loop's resume is what is checked."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_train_resume_eval_predict(tmp_path: Path, synth_nuclei: Path, monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture) -> None:
+                                   capsys: pytest.CaptureFixture, one_thread: None) -> None:
     import engine.loop as loop
     from downstream.det.train import run_detection
     from twinview.model_card import check_weights, read_card
