@@ -125,9 +125,9 @@ def load_payload(path: Path, required_keys: Sequence[str] | Sequence[Sequence[st
 
 
 def load_weights_file(path: str | Path, file_name: str, kind: str, expected: Mapping[str, object],
-                      hint: str, fits: str = "this model") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a run's ``file_name`` (``path`` is the file or its run folder): its ``kind`` tensors and
-    ``{kind}_config`` metadata, after checking every ``expected`` metadata value.
+                      hint: str, fits: str = "this model") -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """Read a run's ``file_name`` (``path`` is the file or its run folder): its ``kind`` tensors,
+    ``{kind}_config`` metadata and the file read, after checking every ``expected`` metadata value.
 
     A missing file, a link loop, metadata that is not a mapping or any difference from ``expected`` is a
     ``ConfigError`` naming the file (``hint`` says what to pass instead); a file that is no twinview
@@ -150,7 +150,7 @@ def load_weights_file(path: str | Path, file_name: str, kind: str, expected: Map
     if wrong:
         detail = ", ".join(f"{k}: {kind} has {a!r}, model needs {b!r}" for k, (a, b) in wrong.items())
         raise ConfigError(path, f"{kind} does not fit {fits} ({detail})")
-    return payload[kind], meta
+    return payload[kind], meta, path
 
 
 def rng_state() -> dict[str, Any]:

@@ -224,8 +224,8 @@ def load_encoder_file(path: str | Path, target: nn.Module, expected: Mapping[str
     """
     from engine.checkpoint import load_weights_file
 
-    state, meta = load_weights_file(path, "encoder.pt", "encoder", expected,
-                                    "pass a pretraining run folder or its encoder.pt",
-                                    fits=f"the {type(target).__name__} it is loaded into")
+    state, meta, _ = load_weights_file(path, "encoder.pt", "encoder", expected,
+                                       "pass a pretraining run folder or its encoder.pt",
+                                       fits=f"the {type(target).__name__} it is loaded into")
     load_encoder_weights(target, state)
     return meta

@@ -43,12 +43,11 @@ def load_decoder_file(path: str | Path, unet: nn.Module, expected: dict[str, Any
     from engine.checkpoint import load_weights_file
     from twinview.config import ConfigError
 
-    state, meta = load_weights_file(path, DECODER_FILE, "decoder", expected,
-                                    f"pass a decoder-pretraining run (method local) or its {DECODER_FILE}",
-                                    fits="this U-Net")
+    state, meta, file = load_weights_file(path, DECODER_FILE, "decoder", expected,
+                                          f"pass a decoder-pretraining run (method local) or its "
+                                          f"{DECODER_FILE}", fits="this U-Net")
     own = unet.decoder.state_dict()
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
-        file = Path(path) / DECODER_FILE if Path(path).is_dir() else Path(path)
         raise ConfigError(file, "decoder tensors do not match this U-Net's decoder (another decoder layout)")
     unet.decoder.load_state_dict(state)
     return meta
