@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"which starts to run, from {','.join(ARMS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra fine-tuning config override (repeatable); use a separate --work folder")
+    parser.add_argument("--keep-other-labels", action="store_true",
+                        help="keep the rows of label settings not run now from the existing results JSON")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--command", help="the command to quote in the results (when re-tabulating)")
     args = parser.parse_args()
@@ -152,7 +154,10 @@ def main() -> None:
         print(f"{s['arm']:10s} {label_name(s['labels']):>10s} ({s['train_cases']:3d} cases) "
               f"seed {s['seed']}: Dice {s['test']['dice_mean']:.3f}  HD95 {s['test']['hd95_mean']:.2f} mm "
               f"(step {s['best']['step'] if s.get('best') else '-'})", flush=True)
-    write_results(args, results, labels, steps, split, pretrain_minutes)
+    rows = result_rows(results, labels, steps, f"{cpu_name()}, {cpu_cores()} cores, no GPU used")
+    if args.keep_other_labels:
+        rows += _kept_rows(args.results / "seg_label_efficiency.json", labels)
+    write_results(args, rows, split, pretrain_minutes)
 
 
 def _stats(runs: list[dict], key: str) -> tuple[float, float]:
@@ -160,33 +165,61 @@ def _stats(runs: list[dict], key: str) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def write_results(args: argparse.Namespace, results: dict, labels: list[float | int],
-                  steps: dict[str, int], split: dict, pretrain_minutes: dict[str, float]) -> None:
-    rows, table = [], []
-    table += ["| labels | cases | init | seeds | mean Dice | gain over random | per seed | Dice anterior | "
-              "Dice posterior | HD95 (mm) | steps | minutes |", "|---" * 12 + "|"]
+def result_rows(results: dict, labels: list[float | int], steps: dict[str, int], machine: str) -> list[dict]:
+    """One row per label setting and start: mean and sd over seeds, gain over random init."""
+    rows = []
     for x in labels:
         base = _stats(results["random"][label_tag(x)], "dice_mean")[0] if "random" in results else None
         for arm in results:
             runs = results[arm][label_tag(x)]
             dice, dice_sd = _stats(runs, "dice_mean")
-            ant, post = _stats(runs, "dice_Anterior")[0], _stats(runs, "dice_Posterior")[0]
             hd, hd_sd = _stats(runs, "hd95_mean")
-            per_seed = [r["test"]["dice_mean"] for r in runs]
-            minutes = sum(r.get("seconds") or 0.0 for r in runs) / 60
-            gain = None if base is None or arm == "random" else dice - base
             rows.append({"labels": x, "cases": runs[0]["train_cases"], "arm": arm, "seeds": len(runs),
-                         "dice": dice, "dice_sd": dice_sd, "gain": gain, "dice_anterior": ant,
-                         "dice_posterior": post, "hd95": hd, "hd95_sd": hd_sd,
+                         "dice": dice, "dice_sd": dice_sd,
+                         "gain": None if base is None or arm == "random" else dice - base,
+                         "dice_anterior": _stats(runs, "dice_Anterior")[0],
+                         "dice_posterior": _stats(runs, "dice_Posterior")[0], "hd95": hd, "hd95_sd": hd_sd,
                          "steps": steps[label_tag(x)],
                          "selected_steps": [(r.get("best") or {}).get("step") for r in runs],
-                         "per_seed": per_seed, "minutes": minutes})
-            shown = "" if gain is None else f"{gain * 100:+.1f} points"
-            table.append(f"| {label_name(x)} | {runs[0]['train_cases']} | {ARMS[arm]} | {len(runs)} "
-                         f"| {dice:.3f} ± {dice_sd:.3f} | {shown} "
-                         f"| {' / '.join(f'{d:.3f}' for d in per_seed)} | {ant:.3f} | {post:.3f} "
-                         f"| {hd:.2f} ± {hd_sd:.2f} | {steps[label_tag(x)]} | {minutes:.1f} |")
-    machine = f"{cpu_name()}, {cpu_cores()} cores, no GPU used"
+                         "per_seed": [r["test"]["dice_mean"] for r in runs],
+                         "minutes": sum(r.get("seconds") or 0.0 for r in runs) / 60, "machine": machine})
+    return rows
+
+
+def _kept_rows(path: Path, labels: list[float | int]) -> list[dict]:
+    """Rows of earlier invocations for the label settings this one did not run (their work folder may be
+    gone); each keeps the machine it was measured on."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    tags = {label_tag(x) for x in labels}
+    return [{**r, "machine": r.get("machine", old["machine"])} for r in old["rows"]
+            if label_tag(r["labels"]) not in tags]
+
+
+def _label_order(x: float | int) -> tuple[bool, float]:
+    return isinstance(x, float), float(x)  # volume counts first, then fractions
+
+
+def write_results(args: argparse.Namespace, rows: list[dict], split: dict,
+                  pretrain_minutes: dict[str, float]) -> None:
+    rows = sorted(rows, key=lambda r: (_label_order(r["labels"]), list(ARMS).index(r["arm"])))
+    table = ["| labels | cases | init | seeds | mean Dice | gain over random | per seed | Dice anterior | "
+             "Dice posterior | HD95 (mm) | steps | minutes |", "|---" * 12 + "|"]
+    for r in rows:
+        shown = "" if r["gain"] is None else f"{r['gain'] * 100:+.1f} points"
+        table.append(f"| {label_name(r['labels'])} | {r['cases']} | {ARMS[r['arm']]} | {r['seeds']} "
+                     f"| {r['dice']:.3f} ± {r['dice_sd']:.3f} | {shown} "
+                     f"| {' / '.join(f'{d:.3f}' for d in r['per_seed'])} | {r['dice_anterior']:.3f} "
+                     f"| {r['dice_posterior']:.3f} | {r['hd95']:.2f} ± {r['hd95_sd']:.2f} | {r['steps']} "
+                     f"| {r['minutes']:.1f} |")
+    machines: dict[str, list[str]] = {}
+    for r in rows:
+        names = machines.setdefault(r["machine"], [])
+        if label_name(r["labels"]) not in names:
+            names.append(label_name(r["labels"]))
+    machine = (next(iter(machines)) if len(machines) == 1 else
+               "; ".join(f"{m} ({', '.join(names)})" for m, names in machines.items()))
     command = args.command or "python benchmarks/seg_label_efficiency.py " + " ".join(sys.argv[1:])
     pre = ", ".join(f"{k.removeprefix('pretrain_')} {v:.1f}" for k, v in pretrain_minutes.items())
     md = (f"# Label efficiency on MSD Task04 Hippocampus (2D FlexibleUNet, ResNet-18)\n\n"
@@ -207,7 +240,6 @@ def write_results(args: argparse.Namespace, results: dict, labels: list[float | 
                           xlabel="labelled training volumes", ylabel="mean Dice on the test cases",
                           title="Hippocampus: Dice versus labels", log_x=True)
     print(md)
-
 
 if __name__ == "__main__":
     main()
