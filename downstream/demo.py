@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SEG_VOLUMES, SEG_SEEDS, SEG_STEPS = 2, 3, 150  # stage 3: the few-label regime, mean and spread over seeds
+SEG_VOLUMES, SEG_SEEDS, SEG_STEPS = 2, 3, 110  # stage 3: the few-label regime, mean and spread over seeds
 
 
 def _stage(title: str) -> float:
@@ -132,7 +132,7 @@ def _reid_stage(out: Path, market: Path, seed: int, quick: bool) -> dict:
         results[arm] = finetune_reid(REPO / "configs/reid/market.yaml", [
             f"out_dir={out / f'reid_{arm}'}", f"data.path={market}", "data.size=[64,32]",
             f"train.seed={seed}",
-            f"train.epochs={1 if quick else 6}", f"model.encoder_weights={weights}",
+            f"train.epochs={1 if quick else 5}", f"model.encoder_weights={weights}",
             f"train.progress={str(not quick).lower()}", *(["train.p=4"] if quick else [])])
     print(f"  {'re-ID, trained with identity labels':38s} rank-1    mAP")
     for arm, label in (("pretrained", "from the SimCLR encoder (stage 2)"), ("random", "from random init")):
