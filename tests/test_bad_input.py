@@ -38,6 +38,7 @@ from twinview.data.inspect import detect_format, inspect_path
 from twinview.data.market1501 import parse_market_name, read_market1501
 from twinview.data.msd import read_msd
 from twinview.data.nifti import check_pair, load_nifti, read_nifti_folder
+from twinview.data.person_folder import read_person_folder
 from twinview.errors import DataError
 
 NON_UTF8 = b"caf\xe9"  # Latin-1 "café": not valid UTF-8
@@ -83,6 +84,7 @@ def _truncate(path: Path, keep: int) -> Path:
         (read_msd, "missing dataset.json"),
         (read_dicom_series, "no DICOM files"),
         (read_image_folder, "no images"),
+        (read_person_folder, "no images"),
         (read_market1501, "missing split folder"),
         (read_dsb2018, "no DSB2018 samples"),
         (detect_format, "empty folder"),

@@ -8,8 +8,8 @@ write the same folders. Layout of ``out/``:
   graph, since an exact scan reads every row per query and stops being interactive there
   (``benchmarks/reid_query_latency.py`` measures both and sets the parameters below).
 - ``meta.json``: ``model_id``, ``dim``, ``count``, ``metric``, ``paths``, ``pids``, ``camids`` (``null``
-  for a gallery without identities), ``index_type`` with its ``index_params``, ``map_method``,
-  ``twinview_version`` and ``kind`` = ``"twinview-reid-index"``.
+  where unknown: a gallery without identities or cameras), ``index_type`` with its ``index_params``,
+  ``map_method``, ``twinview_version`` and ``kind`` = ``"twinview-reid-index"``.
 - ``map.npy``: an (N, 2) float32 map of the embeddings for plotting the gallery, computed once here
   rather than on every page view (t-SNE for small galleries, PCA above :data:`TSNE_MAX_ROWS`).
 
@@ -78,7 +78,7 @@ class IndexFileError(DataError):
 @dataclass(frozen=True)
 class Hit:
     """One search result: 1-based ``rank``, cosine ``score`` and the gallery item's metadata
-    (``pid`` / ``camid`` None for a gallery without identities)."""
+    (``pid`` / ``camid`` None where the gallery does not give them)."""
 
     rank: int
     score: float

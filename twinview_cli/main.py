@@ -156,11 +156,14 @@ def _cmd_reid_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_reid_eval(args: argparse.Namespace) -> int:
+    given = [args.data is not None, args.query is not None, args.gallery is not None]
+    if given not in ([True, False, False], [False, True, True]):
+        args.parser.error("give --data MARKET_FOLDER, or --query PATH and --gallery PATH (one of the two)")
     from downstream.reid.evaluate import evaluate_run
 
-    report = evaluate_run(args.model, args.data, args.out, metric=args.metric, rerank=args.rerank,
-                          flip=not args.no_flip, size=args.size, device=args.device)
-    print(f"{report}\nCMC curve: {args.out / 'cmc_curve.png'}\ntop-10 results: {args.out / 'top10.png'}")
+    print(evaluate_run(args.model, args.data, args.out, metric=args.metric, rerank=args.rerank,
+                       flip=not args.no_flip, size=args.size, device=args.device, query=args.query,
+                       gallery=args.gallery))
     return 0
 
 
@@ -389,9 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     reid_eval = reid_sub.add_parser(
         "eval", help="CMC, mAP and mINP on query/gallery; CMC curve and top-10 PNGs",
         description="Evaluate a re-ID run (model.pt) or, with no labels at all, a pretraining run "
-                    "(encoder.pt) under the Market-1501 protocol.")
+                    "(encoder.pt) under the Market-1501 protocol, on a Market-1501 folder (--data) or on "
+                    "a query set and a gallery of your own (--query and --gallery: each a folder of images "
+                    "or a CSV path,person_id[,camera]). Same-camera matches are ignored only when both "
+                    "sides give cameras; without person ids nothing is scored and top10.png shows the "
+                    "nearest gallery crops.")
     reid_eval.add_argument("--model", type=Path, required=True, metavar="RUN")
-    reid_eval.add_argument("--data", type=Path, required=True, help="Market-1501 folder")
+    reid_eval.add_argument("--data", type=Path, metavar="MARKET_FOLDER",
+                           help="Market-1501 folder: query/ against bounding_box_test/")
+    reid_eval.add_argument("--query", type=Path, metavar="PATH",
+                           help="instead of --data: the query crops, a folder of images or a .csv file")
+    reid_eval.add_argument("--gallery", type=Path, metavar="PATH",
+                           help="with --query: the gallery, a folder of images or a .csv file")
     reid_eval.add_argument("--out", type=Path, required=True)
     reid_eval.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
     reid_eval.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, 0.3)")
@@ -402,9 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     reid_eval.set_defaults(func=_cmd_reid_eval, parser=reid_eval)
     reid_index = reid_sub.add_parser(
         "index", help="embed a gallery folder into a faiss index",
-        description="Embed every crop of GALLERY (Market-1501 names) with RUN's model into a faiss index "
-                    "folder holding the paths, ids, cameras and the model's fingerprint.")
-    reid_index.add_argument("gallery", type=Path)
+        description="Embed every crop of GALLERY with RUN's model into a faiss index folder holding the "
+                    "paths, person ids and cameras (null where unknown) and the model's fingerprint. "
+                    "GALLERY is a folder of images (subfolders included; ids and cameras from Market-1501 "
+                    "names when every name is one) or a CSV path,person_id[,camera].")
+    reid_index.add_argument("gallery", type=Path, help="a folder of images or a .csv file")
     reid_index.add_argument("--model", type=Path, required=True, metavar="RUN")
     reid_index.add_argument("--out", type=Path, required=True, metavar="INDEX")
     reid_index.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -61,6 +61,7 @@ class ReIDTrainConfig:
     epochs: PositiveInt = 60
     p: AtLeastTwo = 16  # identities per batch (>= 2: the triplet loss needs negatives)
     k: AtLeastTwo = 4  # images per identity (>= 2: the triplet loss needs positives)
+    labels: Literal["ids", "none"] = "ids"  # none: Cluster Contrast on pseudo-identities (cluster.*)
     seed: NonNegativeInt = 0
     deterministic: bool = False  # deterministic kernels only (slower; for bitwise-repeatable runs)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -69,6 +70,20 @@ class ReIDTrainConfig:
     keep_last: PositiveInt = 2
     log_every_steps: PositiveInt = 10
     progress: bool = True
+
+
+@dataclass
+class ReIDClusterConfig:
+    """Training without identity labels (``train.labels=none``): Cluster Contrast (Dai et al. 2021)."""
+
+    eps: Positive = 0.6  # DBSCAN radius on the k-reciprocal Jaccard distance (0..1)
+    min_samples: PositiveInt = 4  # DBSCAN: neighbours (the crop included) that make a core crop
+    k1: PositiveInt = 30  # k-reciprocal neighbours of the Jaccard distance
+    k2: PositiveInt = 6  # local query expansion
+    temperature: Positive = 0.05
+    momentum: UnitInterval = 0.1  # memory update: c <- momentum c + (1 - momentum) hardest crop
+    iters_per_epoch: PositiveInt = 200  # steps between two clusterings
+    eval_every_epochs: NonNegativeInt = 1  # rank-1 / mAP on query/gallery after each clustering (0: off)
 
 
 @dataclass
@@ -90,4 +105,5 @@ class ReIDConfig:
     loss: ReIDLossConfig = field(default_factory=ReIDLossConfig)
     optim: ReIDOptimConfig = field(default_factory=ReIDOptimConfig)
     train: ReIDTrainConfig = field(default_factory=ReIDTrainConfig)
+    cluster: ReIDClusterConfig = field(default_factory=ReIDClusterConfig)
     eval: ReIDEvalConfig = field(default_factory=ReIDEvalConfig)

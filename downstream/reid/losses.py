@@ -1,4 +1,5 @@
-"""Re-ID training losses: batch-hard triplet loss and the label-smoothed identity loss."""
+"""Re-ID training losses: batch-hard triplet loss, the label-smoothed identity loss, and ClusterNCE for
+training without labels."""
 
 from __future__ import annotations
 
@@ -43,3 +44,18 @@ def id_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.1) -> Te
     Inception Architecture"): cross-entropy against ``q = (1 - eps) onehot(y) + eps / K`` over ``K``
     classes, ``loss = -mean_i sum_k q_k log softmax(logits_i)_k``."""
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def cluster_nce_loss(features: Tensor, memory: Tensor, targets: Tensor, temperature: float = 0.05) -> Tensor:
+    """ClusterNCE (Dai et al. 2021, "Cluster Contrast for Unsupervised Person Re-Identification"): InfoNCE
+    of each feature against one memory vector per cluster,
+
+        loss = -mean_i log( exp(q_i . c_{y_i} / tau) / sum_k exp(q_i . c_k / tau) ),
+
+    with ``q_i`` the L2-normalised ``features`` (B, D), ``c_k`` the rows of ``memory`` (C, D; normalised
+    by the caller) and ``y_i`` in ``[0, C)`` the pseudo-identity of each row of the batch."""
+    if features.ndim != 2 or memory.ndim != 2 or features.shape[1] != memory.shape[1] \
+            or targets.shape != (len(features),):
+        raise ValueError(f"cluster_nce_loss: need (B, D) features, (C, D) memory and (B,) targets, got "
+                         f"{tuple(features.shape)}, {tuple(memory.shape)}, {tuple(targets.shape)}")
+    return F.cross_entropy(F.normalize(features, dim=1) @ memory.t() / temperature, targets)

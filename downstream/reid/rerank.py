@@ -22,6 +22,8 @@ at the k-th distance are picked arbitrarily, as with the original's ``argsort``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import sparse
 
@@ -126,8 +128,19 @@ def re_rank(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray, k1
         raise ValueError(f"re_rank: need k1 >= 1, k2 >= 1 and 0 <= lambda_value <= 1, "
                          f"got {k1}, {k2}, {lambda_value}")
     dist = _Distances(q_g, q_q, g_g)
-    n, nq, k1_half = dist.n, dist.nq, int(np.around(k1 / 2))
-    nearest = _nearest(dist, min(n, max(k1 + 1, k2)))
+    nearest = _nearest(dist, min(dist.n, max(k1 + 1, k2)))
+    v = _encoding(nearest, dist.at, k1, k2)
+    minima = _sum_of_minima(v[:dist.nq], v[dist.nq:])
+    jaccard = 1.0 - minima / (2.0 - minima)
+    original = q_g * q_g * dist.scale[:dist.nq, None]
+    return ((1.0 - lambda_value) * jaccard + lambda_value * original).astype(np.float32)
+
+
+def _encoding(nearest: np.ndarray, distance_at: Callable[[np.ndarray, np.ndarray], np.ndarray], k1: int,
+              k2: int) -> sparse.csr_matrix:
+    """Steps 2-4: the k-reciprocal encodings ``V`` (N, N) from each image's nearest neighbours (itself
+    first) and the distances ``distance_at(i, j)`` that weigh them."""
+    n, k1_half = len(nearest), int(np.around(k1 / 2))
     recip = _reciprocal(nearest, k1)
     recip_half = _reciprocal(nearest, k1_half)
     # candidates j in R(i, k1) whose R(j, k1/2) overlaps R(i, k1) by more than 2/3 of its size
@@ -137,13 +150,71 @@ def re_rank(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray, k1
     accepted = sparse.csr_matrix((np.ones(keep.sum(), dtype=np.float32),
                                   (overlap.row[keep], overlap.col[keep])), shape=(n, n))
     expanded = (recip + accepted @ recip_half).tocoo()
-    weights = np.exp(-dist.at(expanded.row, expanded.col)).astype(np.float64)
+    weights = np.exp(-distance_at(expanded.row, expanded.col)).astype(np.float64)
     weights /= np.bincount(expanded.row, weights=weights, minlength=n)[expanded.row]
     v = sparse.csr_matrix((weights, (expanded.row, expanded.col)), shape=(n, n))
     if k2 > 1:
         rows = np.repeat(np.arange(n), k2)
         v = sparse.csr_matrix((np.full(n * k2, 1.0 / k2), (rows, nearest[:, :k2].ravel())), shape=(n, n)) @ v
-    minima = _sum_of_minima(v[:nq], v[nq:])
-    jaccard = 1.0 - minima / (2.0 - minima)
-    original = q_g * q_g * dist.scale[:nq, None]
-    return ((1.0 - lambda_value) * jaccard + lambda_value * original).astype(np.float32)
+    return v
+
+
+def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6) -> sparse.csr_matrix:
+    """k-reciprocal Jaccard distances among the rows of ``features`` (N, D), as a sparse (N, N) matrix
+    holding only the pairs whose encodings overlap (every other pair is at distance 1, the maximum).
+
+    The clustering distance of Cluster Contrast (Dai et al. 2021) and SpCL (Ge et al. 2020): steps 2-5
+    above over one set of images, with ``d(i, j) = |f_i - f_j|^2`` of the L2-normalised features and no
+    row scaling. The ``max(k1 + 1, k2)`` nearest neighbours come from a faiss inner-product search, so
+    memory is O(N k1^2), never N x N; the diagonal is stored (distance 0).
+    """
+    import faiss
+
+    feats = np.ascontiguousarray(features, dtype=np.float32)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError(f"jaccard_distance: need (N, D) features with N >= 2, got {feats.shape}")
+    if k1 < 1 or k2 < 1:
+        raise ValueError(f"jaccard_distance: need k1 >= 1 and k2 >= 1, got {k1}, {k2}")
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    n = len(feats)
+    index = faiss.IndexFlatIP(feats.shape[1])
+    index.add(feats)
+    _, nearest = index.search(feats, min(n, max(k1 + 1, k2)))
+    # an exact duplicate may be listed before the image itself: put the image first, as the encoding expects
+    row = np.arange(n)[:, None]
+    nearest = np.concatenate([row, np.where(nearest == row, -1, nearest)], axis=1)
+    nearest = np.stack([r[r >= 0][:nearest.shape[1] - 1] for r in nearest]).astype(np.int64)
+
+    def squared(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return np.maximum(2.0 - 2.0 * np.einsum("ij,ij->i", feats[i], feats[j]), 0.0)
+
+    minima = _pairwise_minima(_encoding(nearest, squared, k1, k2))
+    minima.data = np.clip(1.0 - minima.data / (2.0 - minima.data), 0.0, 1.0)  # m may pass 1 by rounding
+    return minima
+
+
+def _pairwise_minima(v: sparse.csr_matrix) -> sparse.csr_matrix:
+    """``m[i, j] = sum_l min(v[i, l], v[j, l])`` for the pairs that share a column, sparse (N, N).
+
+    Every column ``l`` contributes to all pairs of its nonzero rows; the pairs are expanded a block of
+    columns at a time and summed as duplicates of a sparse matrix.
+    """
+    n = v.shape[0]
+    by_col = v.tocsc()
+    by_col.sort_indices()
+    counts = np.diff(by_col.indptr)
+    pairs = counts.astype(np.int64) ** 2
+    out = sparse.csr_matrix((n, n), dtype=np.float64)
+    start = 0
+    while start < n:
+        stop = start + max(1, int(np.searchsorted(np.cumsum(pairs[start:]), _PAIR_BLOCK, side="right")))
+        cols = np.repeat(np.arange(start, stop), counts[start:stop])
+        left = np.arange(by_col.indptr[start], by_col.indptr[stop])
+        reps = counts[cols]  # each entry meets every entry of its column, itself included
+        left = np.repeat(left, reps)
+        running = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
+        right = np.repeat(by_col.indptr[cols], reps) + running
+        values = np.minimum(by_col.data[left], by_col.data[right])
+        out = out + sparse.csr_matrix((values, (by_col.indices[left], by_col.indices[right])), shape=(n, n))
+        start = stop
+    return out.tocsr()

@@ -13,25 +13,21 @@ from typing import Any
 import torch
 
 from downstream.reid.evaluate import extract, load_reid_model
+from twinview.data.records import PersonRecord
 from twinview.errors import DataError, check_output, display_path, missing_path
 from twinview.index import Hit, build_index, foreign_index, load_index
 
 
-def gallery_records(folder: Path) -> list:
-    """Records of a Market-1501-style folder (names ``PPPP_cCsS_FFFFFF_BB.jpg``; junk ``-1`` left out).
+def gallery_records(gallery: Path) -> list[PersonRecord]:
+    """The crops to index: a folder of images (ids and cameras from Market-1501 names when every name is
+    one, else none) or a CSV ``path,person_id[,camera]`` (:mod:`twinview.data.person_folder`).
 
-    A name that does not parse is a ``DataError`` naming the file; an empty, missing or looping (symbolic
-    link loop) folder is one naming it.
+    A DataError names a missing, empty or looping (symbolic link loop) folder or CSV, a folder mixing
+    Market-1501 names with others (naming the odd file), and each bad CSV line.
     """
-    from twinview.data.market1501 import person_record, split_files
+    from twinview.data.person_folder import read_person_source
 
-    if not Path(folder).is_dir():
-        raise missing_path(folder, "no such folder" if not Path(folder).exists() else "not a folder")
-    records = [person_record(p, "bounding_box_test") for p in split_files(folder)]
-    records = [r for r in records if r is not None]
-    if not records:
-        raise DataError(folder, "no images to index")
-    return records
+    return read_person_source(gallery)
 
 
 def _model_path(path: Path) -> Path:
@@ -47,16 +43,21 @@ def _model_path(path: Path) -> Path:
 
 def index_gallery(gallery: Path, model_path: Path, out: Path, device: str = "cpu", flip: bool = True,
                   batch_size: int = 128, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Embed the crops of ``gallery`` with the model at ``model_path`` into the index folder ``out``;
-    returns ``{"index", "count", "dim", "model_id"}`` (what the command prints).
+    """Embed the crops of ``gallery`` (:func:`gallery_records`) with the model at ``model_path`` into the
+    index folder ``out``, with their person ids and cameras where known (else None); returns
+    ``{"index", "count", "dim", "model_id"}`` (what the command prints). An unreadable image is a
+    DataError naming it, and nothing is written.
 
-    ``out`` must not be, contain or lie inside the gallery (or be or contain the model file), and an
-    existing ``out`` must be an earlier index, replaced only with ``overwrite``: else ``OutputError``,
-    raised before any model is loaded (see :func:`twinview.index.build_index`)."""
+    ``out`` must not be, contain or lie inside the gallery or a folder holding its images (or be or
+    contain the model file), and an existing ``out`` must be an earlier index, replaced only with
+    ``overwrite``: else ``OutputError``, raised before any model is loaded (see
+    :func:`twinview.index.build_index`)."""
     gallery, out = Path(gallery), Path(out)
     records = gallery_records(gallery)
     model_file = _model_path(model_path)
-    check_output(out, [gallery, model_file], kind="re-ID index", foreign=foreign_index, overwrite=overwrite)
+    folders = sorted({r.path.parent for r in records})  # a CSV's images may lie outside its folder
+    check_output(out, [gallery, *folders, model_file], kind="re-ID index", foreign=foreign_index,
+                 overwrite=overwrite)
     dev = torch.device(device)
     model, meta = load_reid_model(model_file, dev)
     feats = extract(model, [r.path for r in records], meta["size"], dev, batch_size, flip, progress, "index")

@@ -59,6 +59,23 @@ def load_pretrained_backbone(model: ReIDModel, path: str | Path, encoder: str) -
     return load_encoder_file(path, model.backbone, expected)
 
 
+def load_start(model: ReIDModel, path: str | Path, encoder: str) -> dict[str, Any]:
+    """Initialise ``model.backbone`` from a pretraining run (``encoder.pt``) or from a re-ID run
+    (``model.pt``, e.g. trained with labels on another data set); returns ``{"kind": "pretraining" or
+    "reid", "method": the pretraining method behind the weights, or None}``."""
+    from downstream.reid.evaluate import load_reid_model
+    from twinview.config import ConfigError
+
+    folder = Path(path)
+    if (folder / "model.pt").exists() or folder.name == "model.pt":
+        source, meta = load_reid_model(folder)
+        if meta["encoder"] != encoder:
+            raise ConfigError(path, f"a {meta['encoder']} re-ID model; this run's model.encoder is {encoder}")
+        model.backbone.load_state_dict(source.backbone.state_dict())
+        return {"kind": "reid", "method": meta.get("pretraining_method")}
+    return {"kind": "pretraining", "method": load_pretrained_backbone(model, path, encoder).get("method")}
+
+
 def lr_factor(step: int, steps_per_epoch: int, cfg: ReIDConfig) -> float:
     """Multiplier of the base learning rate at ``step``: warm-up from 0.1, then step or cosine."""
     o, total = cfg.optim, cfg.train.epochs * steps_per_epoch
@@ -114,33 +131,60 @@ class ReIDTrainTask(Task):
                 + lc.triplet_weight * batch_hard_triplet_loss(feat.float(), y, lc.margin))
 
 
-def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
-    """Train (or resume) a re-ID run, then evaluate it on the query/gallery split."""
-    from twinview.data.market1501 import read_market1501, relabel
+def training_data(cfg: ReIDConfig) -> tuple[list, Any | None]:
+    """The training crops and the Market-1501 folder they come from (None when there is none). With
+    ``train.labels=none`` ``data.path`` may also be a plain folder of crops or a CSV
+    (:mod:`twinview.data.person_folder`): nothing to score then."""
+    from twinview.data.market1501 import TRAIN, read_market1501
 
-    market = read_market1501(Path(cfg.data.path))
-    labels = relabel(market.train)
+    path = Path(cfg.data.path)
+    if cfg.train.labels == "none" and not (path / TRAIN).is_dir():
+        from twinview.data.person_folder import read_person_source
+
+        return read_person_source(path, TRAIN), None
+    market = read_market1501(path)
+    return market.train, market
+
+
+def run_reid(cfg: ReIDConfig, resume: Path | None = None) -> ReIDResult:
+    """Train (or resume) a re-ID run, with identity labels or (``train.labels=none``) without them by
+    Cluster Contrast, then evaluate it on the query/gallery split where the data has one."""
+    from twinview.data.market1501 import relabel
+
+    records, market = training_data(cfg)
+    labels = relabel(records) if cfg.train.labels == "ids" else {}
     with session(cfg, "model.pt", resume) as s:
         amp_dtype = select_amp(cfg.train.amp, s.device)
         model = ReIDModel(len(labels), cfg.model.encoder, cfg.model.last_stride, cfg.model.pooling)
         meta = model_metadata(cfg, len(labels), "reid")
+        meta["training_labels"] = cfg.train.labels
+        if market is None:
+            meta["data"]["kind"] = "person_folder"
         if cfg.model.encoder_weights:
-            meta["pretraining_method"] = load_pretrained_backbone(model, cfg.model.encoder_weights,
-                                                                  cfg.model.encoder).get("method")
+            start = load_start(model, cfg.model.encoder_weights, cfg.model.encoder)
+            meta["pretraining_method"], meta["start"] = start["method"], start["kind"]
         model = model.to(s.device).to(memory_format=torch.channels_last)
         model_path = s.run.path / "model.pt"
         if s.run.finished:
             model.load_state_dict(load_checkpoint(model_path, map_location=s.device)["model"])
             result = finished_result(s.run)
         else:
-            result = train(ReIDTrainTask(cfg, market.train, labels, model), s.run,
-                           LoopSettings.from_config(cfg, s.device, amp_dtype), to_dict(cfg))
+            settings = LoopSettings.from_config(cfg, s.device, amp_dtype)
+            if cfg.train.labels == "ids":
+                task: Task = ReIDTrainTask(cfg, records, labels, model)
+            else:
+                from downstream.reid.cluster import ClusterContrastNet, ClusterContrastTask, market_scorer
+
+                net = ClusterContrastNet(model, len(records)).to(s.device)
+                scorer = market_scorer(cfg, market, s.device) if market is not None else None
+                task = ClusterContrastTask(cfg, records, net, s.run.path, scorer)
+            result = train(task, s.run, settings, to_dict(cfg))
             if s.is_main:
                 atomic_save({"model": model.state_dict(), "model_config": meta}, model_path)
                 write_card_for(model_path, meta, "reid")
         metrics: dict[str, float] = {}
-        report = ""
-        if s.is_main:
+        report = "No query/gallery split in the data: nothing to score.\n"
+        if s.is_main and market is not None:
             from downstream.reid.evaluate import evaluate_market
 
             metrics = evaluate_market(model, meta, cfg.data.path, cfg.eval, s.run.path, s.device,

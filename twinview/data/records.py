@@ -50,17 +50,19 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class PersonRecord:
-    """A Market-1501 style pedestrian crop: ``PPPP_cCsS_FFFFFF_BB.jpg``.
+    """A pedestrian crop, from a Market-1501 name ``PPPP_cCsS_FFFFFF_BB.jpg`` or a user's folder or CSV.
 
-    ``pid`` is the person id (0 for distractors); ``camid`` is the camera (1-based, as in the name);
-    ``sequence`` and ``frame`` come from ``sS_FFFFFF``.
+    Market-1501: ``pid`` is the person id (0 for distractors); ``camid`` is the camera (1-based, as in
+    the name); ``sequence`` and ``frame`` come from ``sS_FFFFFF``. Other sources
+    (:mod:`twinview.data.person_folder`) have no sequence or frame (None), and ``pid`` / ``camid`` are
+    None where the source does not give them.
     """
 
     path: Path
-    pid: int
-    camid: int
-    sequence: int
-    frame: int
+    pid: int | None
+    camid: int | None
+    sequence: int | None
+    frame: int | None
     split: str  # "bounding_box_train", "query" or "bounding_box_test"
 
 
