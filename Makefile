@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/pretrain_quality.py
 	$(PY) benchmarks/seg_label_efficiency.py
 	$(PY) benchmarks/reid_market_mini.py
+	$(PY) benchmarks/reid_label_free.py
 	$(PY) benchmarks/reid_eval_speed.py
 	$(PY) benchmarks/reid_query_latency.py
 

@@ -97,3 +97,49 @@ def test_nuclei_detection_runs_end_to_end(tmp_path: Path, shared_data: Path) -> 
     scores = json.loads((result.run_dir / "eval.json").read_text())
     assert scores["images"] == 10 and 0.0 <= scores["AP50"] <= 1.0 and 0.0 <= scores["AP"] <= scores["AP50"]
     assert snapshot(data) == before
+
+
+def test_market_csv_gallery_scores_like_the_market_folder(tmp_path: Path, shared_data: Path) -> None:
+    """Query and gallery given as CSV files (with cameras) score exactly as the Market-1501 folder."""
+    import torch
+
+    from downstream.reid.config import ReIDEvalConfig
+    from downstream.reid.evaluate import evaluate_market, evaluate_records, untrained_reid_model
+    from twinview.data.market1501 import read_market1501
+    from twinview.data.person_folder import read_person_csv
+
+    data = shared_data / "Market-1501-mini"
+    market = read_market1501(data)
+    for name, records in (("query", market.query), ("gallery", market.gallery)):
+        rows = [f"{r.path},{r.pid},{r.camid}" for r in records]
+        (tmp_path / f"{name}.csv").write_text("path,person_id,camera\n" + "\n".join(rows) + "\n")
+    model, meta = untrained_reid_model([64, 32])
+    folder = evaluate_market(model, meta, data, ReIDEvalConfig(), tmp_path / "folder", torch.device("cpu"),
+                             progress=False)
+    csv = evaluate_records(model, meta, read_person_csv(tmp_path / "query.csv", "query"),
+                           read_person_csv(tmp_path / "gallery.csv"), ReIDEvalConfig(), tmp_path / "csv",
+                           torch.device("cpu"), progress=False)
+    assert folder["queries"] == csv["queries"] == 882
+    assert folder["rank1"] == csv["rank1"] and folder["mAP"] == csv["mAP"]
+
+
+def test_market_clusters_are_purer_than_chance(shared_data: Path) -> None:
+    """The label-free path's clustering on real crops: even random-init features (colour, layout) group
+    crops of one person far more often than clusters of the same sizes drawn at random."""
+    import torch
+
+    from downstream.reid.cluster import cluster_features, purity
+    from downstream.reid.evaluate import extract, untrained_reid_model
+    from twinview.data.market1501 import read_market1501
+
+    train = read_market1501(shared_data / "Market-1501-mini").train
+    model, meta = untrained_reid_model([64, 32])
+    feats = extract(model, [r.path for r in train], meta["size"], torch.device("cpu"), flip=False)
+    found = cluster_features(feats, eps=0.5, min_samples=4, k1=30, k2=6)
+    truth = np.array([r.pid for r in train])
+    shuffled = found.labels.copy()
+    keep = shuffled >= 0
+    shuffled[keep] = np.random.default_rng(0).permutation(shuffled[keep])
+    assert found.clusters >= 16, found.clusters
+    assert purity(found.labels, truth) > 2 * purity(shuffled, truth), (purity(found.labels, truth),
+                                                                        purity(shuffled, truth))
