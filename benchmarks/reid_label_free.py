@@ -29,35 +29,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.reid_market_mini import evaluate_untrained, pretrain  # noqa: E402 - same SimCLR start
 from twinview.provenance import cpu_cores, cpu_name  # noqa: E402 - after the sys.path entry
 
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
-
-
-def pretrain(args: argparse.Namespace) -> Path:
-    from downstream import recipes
-
-    if args.encoder:
-        return Path(args.encoder)
-    h, w = args.size
-    return recipes.pretrain(REPO / "configs/pretrain/market_simclr.yaml", [
-        f"out_dir={args.work / 'pretrain_simclr'}", f"data.path={args.data}", f"data.size=[{h},{w}]",
-        "data.workers=1", f"train.epochs={args.pretrain_epochs}", "train.batch_size=128",
-        "train.knn_every_epochs=0", "optim.warmup_epochs=2", f"train.progress={str(not args.quiet).lower()}"])
-
-
-def encoder_as_is(args: argparse.Namespace, encoder: Path) -> dict:
-    import torch
-
-    from downstream.reid.config import ReIDEvalConfig
-    from downstream.reid.evaluate import evaluate_market, load_reid_model
-
-    out = args.work / "encoder_as_is"
-    if not (out / "eval.json").exists():
-        model, meta = load_reid_model(encoder, size=args.size)
-        evaluate_market(model, meta, args.data, ReIDEvalConfig(), out, torch.device("cpu"),
-                        progress=not args.quiet)
-    return json.loads((out / "eval.json").read_text())
 
 
 def cluster_contrast(args: argparse.Namespace, encoder: Path, seed: int) -> dict:
@@ -104,7 +79,7 @@ def main() -> None:
     started = time.perf_counter()
     encoder = pretrain(args)
     pretrain_min = (time.perf_counter() - started) / 60
-    as_is = encoder_as_is(args, encoder)
+    as_is = evaluate_untrained(args, "encoder_as_is", encoder)
     runs = [cluster_contrast(args, encoder, seed) for seed in range(args.seeds)]
     write_results(args, encoder, pretrain_min, as_is, runs)
 
