@@ -1,10 +1,13 @@
 """The retrieval app's library: a person gallery in a faiss index, queried with an exported ONNX model.
 
-A :class:`Gallery` opens a saved index folder (``twinview reid index``, or one this module cached) or any
-folder of images, which it embeds with the model into an index in a cache folder (never inside the image
-folder). A Market-1501 root gives the gallery ``bounding_box_test/`` and the query set ``query/``, with
-identities and cameras from the file names; so does a ``bounding_box_test/`` folder or an index made from
-one, when ``query/`` lies beside it. Other folders have no identities and only uploaded queries.
+A :class:`Gallery` opens a saved index folder (``twinview reid index``, or one this module cached), any
+folder of images, or a CSV ``path,person_id[,camera]`` (the rules of :mod:`twinview.data.person_folder`,
+as on the command line); images are embedded with the model into an index in a cache folder (never
+inside the image folder). A Market-1501 root gives the gallery ``bounding_box_test/`` and the query set
+``query/``, with identities and cameras from the file names; so does a ``bounding_box_test/`` folder or
+an index made from one, when ``query/`` lies beside it. A CSV gives identities (and cameras when it has
+the column) shown beside the hits; other folders have no identities. Without a query set, uploaded
+images are the queries.
 Numpy, onnxruntime, faiss and matplotlib only (no torch, no Streamlit), so tests drive it directly.
 """
 
@@ -25,8 +28,9 @@ from PIL import Image, UnidentifiedImageError
 
 from apps import uploads
 from apps.runtime import OnnxModel, embed
-from twinview.data.images import list_image_files, load_image
+from twinview.data.images import load_image
 from twinview.data.market1501 import GALLERY, QUERY, person_record, read_split, split_files
+from twinview.data.person_folder import read_person_source
 from twinview.errors import DataError, check_output, display_path, missing_path
 from twinview.index import INDEX_FILE, META_FILE, Hit, IndexFileError, RetrievalIndex, build_index, load_index
 from twinview.retrieval import RetrievalScores, market1501_scores, pairwise_distance
@@ -188,27 +192,27 @@ class Gallery:
     @classmethod
     def open(cls, path: str | os.PathLike[str], model: OnnxModel, cache: Path | None = None,
              flip: bool = True) -> Gallery:
-        """The gallery at ``path``: an index folder, a Market-1501 root or a folder of images (embedded
-        into ``cache``, default :data:`CACHE_ROOT`, with ``flip`` test-time augmentation; an earlier
-        index of the same model and files there is reused). ``IndexModelMismatch`` for an index of
-        another model; a DataError for a missing or empty folder or an unreadable image."""
+        """The gallery at ``path``: an index folder, a Market-1501 root, a folder of images or a CSV
+        ``path,person_id[,camera]`` (read by :func:`twinview.data.person_folder.read_person_source`;
+        images are embedded into ``cache``, default :data:`CACHE_ROOT`, with ``flip`` test-time
+        augmentation, and an earlier index of the same model, files and ids there is reused).
+        ``IndexModelMismatch`` for an index of another model; a DataError for a missing or empty folder,
+        a bad CSV row, a folder mixing Market-1501 names with others, or an unreadable image."""
         path = Path(path)
-        if not path.is_dir():
-            raise missing_path(path, "no such folder" if not path.exists() else
-                               "not a folder: give a folder of images or an index folder")
-        if (path / META_FILE).exists() or (path / INDEX_FILE).exists():
+        if path.is_dir() and ((path / META_FILE).exists() or (path / INDEX_FILE).exists()):
             index = load_index(path)
             index.check_model(model_id(model))
             gallery_dir = _common_parent(index.meta["paths"])
             queries = _sibling_queries(gallery_dir) if None not in index.meta["pids"] else []
             return cls(index, model, bool(index.meta.get("flip", True)), queries, path)
-        if (path / GALLERY).is_dir() and (path / QUERY).is_dir():
+        if path.is_dir() and (path / GALLERY).is_dir() and (path / QUERY).is_dir():
             files = split_files(path / GALLERY)
             entries = _entries([person_record(p, GALLERY) for p in files], path / GALLERY)
             queries = [Entry(r.path, r.pid, r.camid) for r in read_split(path, QUERY)]
         else:
-            entries = _folder_entries(path)
-            queries = _sibling_queries(path) if entries[0].pid is not None else []
+            entries = [Entry(r.path, r.pid, r.camid) for r in read_person_source(path, GALLERY)]
+            market = path.is_dir() and entries[0].camid is not None  # ids from Market-1501 names
+            queries = _sibling_queries(path) if market else []
         index = _cached_index(entries, path, model, flip, cache or CACHE_ROOT)
         return cls(index, model, flip, queries, path)
 
@@ -217,12 +221,18 @@ class Gallery:
 
     @property
     def ids_known(self) -> bool:
-        """Whether every gallery item has an identity and a camera (from Market-1501 names)."""
-        return None not in self.index.meta["pids"] and None not in self.index.meta["camids"]
+        """Whether every gallery item has an identity (from Market-1501 names or a CSV)."""
+        return None not in self.index.meta["pids"]
+
+    @property
+    def cameras_known(self) -> bool:
+        """Whether every gallery item has a camera too (needed for the Market-1501 protocol)."""
+        return self.ids_known and None not in self.index.meta["camids"]
 
     def describe(self) -> str:
         """One line for the page: size, where the index lives, ids, queries."""
-        ids = "identities from the file names" if self.ids_known else "no identities"
+        ids = (("identities and cameras" if self.cameras_known else "identities, no cameras")
+               if self.ids_known else "no identities")
         queries = f"{len(self.queries)} queries" if self.queries else "no query set (upload one)"
         return (f"{len(self)} gallery images, {ids}, {queries}; index {display_path(self.index.path)}"
                 f"{', flip-averaged embeddings' if self.flip else ''}")
@@ -260,7 +270,7 @@ class Gallery:
         """Rank-1 / mAP of the whole query set under the Market-1501 protocol (same identity and camera
         ignored), computed once; None without identities or a query set. DataError when no query has a
         true match in the gallery."""
-        if not self.queries or not self.ids_known:
+        if not self.queries or not self.cameras_known:
             return None
         if self._scores is None:
             meta = self.index.meta
@@ -326,18 +336,6 @@ def _entries(records: Sequence[Any], folder: Path) -> list[Entry]:
     return entries
 
 
-def _folder_entries(folder: Path) -> list[Entry]:
-    """The images below ``folder``; identities and cameras when every name is a Market-1501 name."""
-    files = list_image_files(folder)
-    if not files:
-        raise DataError(folder, "no images (.png, .jpg, .jpeg, .tif, .tiff) in this folder")
-    try:
-        records = [person_record(p, GALLERY) for p in files]
-    except DataError:  # not Market-1501 names: a plain folder of images
-        return [Entry(p, None, None) for p in files]
-    return _entries(records, folder)
-
-
 def _common_parent(paths: Sequence[str]) -> Path | None:
     parents = {Path(p).parent for p in paths}
     return parents.pop() if len(parents) == 1 else None
@@ -358,20 +356,20 @@ def _embed_files(model: OnnxModel, paths: Sequence[Path], flip: bool) -> np.ndar
 
 
 def _folder_digest(entries: Sequence[Entry], flip: bool) -> str:
-    """A hash of the files' paths, sizes and modification times (and the flip setting): a changed file
-    gives a new cache folder."""
+    """A hash of the files' paths, sizes, modification times and ids (and the flip setting): a changed
+    file or a changed id in a CSV gives a new cache folder."""
     digest = hashlib.sha256(f"flip={flip}\0".encode())
     for entry in entries:
         stat = entry.path.stat()
-        line = f"{entry.path}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
+        line = f"{entry.path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{entry.pid}\0{entry.camid}\0"
         digest.update(line.encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
-def _cached_index(entries: Sequence[Entry], folder: Path, model: OnnxModel, flip: bool, cache: Path
+def _cached_index(entries: Sequence[Entry], source: Path, model: OnnxModel, flip: bool, cache: Path
                   ) -> RetrievalIndex:
-    """The index of ``entries`` in ``cache/<model id>-<folder hash>``, embedded now unless an earlier
-    one for the same model, files and flip setting is there."""
+    """The index of ``entries`` (listed by the folder or CSV ``source``) in ``cache/<model id>-<hash>``,
+    embedded now unless an earlier one for the same model, files, ids and flip setting is there."""
     mid = model_id(model)
     entries = [Entry(e.path.resolve(), e.pid, e.camid) for e in entries]
     out = Path(cache) / f"{mid[:16]}-{_folder_digest(entries, flip)[:16]}"
@@ -379,12 +377,14 @@ def _cached_index(entries: Sequence[Entry], folder: Path, model: OnnxModel, flip
     if out.is_dir():
         try:
             index = load_index(out)
-            if index.model_id == mid and index.meta["paths"] == paths and index.meta.get("flip") == flip:
+            if (index.model_id == mid and index.meta["paths"] == paths and index.meta.get("flip") == flip
+                    and index.meta["pids"] == [e.pid for e in entries]):
                 return index
         except IndexFileError:
             pass  # a broken cache entry: written again below
+    folder = source if source.is_dir() else source.parent
     check_output(out, [folder], kind="gallery index")  # never inside the user's image folder
     feats = _embed_files(model, [e.path for e in entries], flip)
-    extra = {"source": str(folder.resolve()), "model_path": str(model.path.resolve()), "flip": flip,
+    extra = {"source": str(source.resolve()), "model_path": str(model.path.resolve()), "flip": flip,
              "size": list(model.card["input_size"])}
     return load_index(build_index(feats, entries, mid, out, extra=extra, overwrite=True))

@@ -22,9 +22,9 @@ from twinview.errors import DataError
 MODEL_ENV, GALLERY_ENV = "TWINVIEW_RETRIEVAL_MODEL", "TWINVIEW_GALLERY"
 HOW_TO_MODEL = ("No model given. Enter the path of an exported re-ID model (.onnx): `make demo` trains and "
                 "exports one, `twinview export RUN --out model.onnx` exports a run of yours.")
-HOW_TO_GALLERY = ("No gallery given. Enter a folder of person crops, a Market-1501 root (with `query/` and "
-                  "`bounding_box_test/`), or an index folder written by `twinview reid index`; `make demo` "
-                  "writes a synthetic Market-1501 folder.")
+HOW_TO_GALLERY = ("No gallery given. Enter a folder of person crops, a CSV `path,person_id[,camera]`, a "
+                  "Market-1501 root (with `query/` and `bounding_box_test/`), or an index folder written by "
+                  "`twinview reid index`; `make demo` writes a synthetic Market-1501 folder.")
 COLUMNS = 5
 MAX_K = 50
 DEFAULT_K = 10
@@ -51,9 +51,10 @@ def cached_gallery(path: str, model_path: str, stamps: tuple[tuple[int, int], ..
 
 
 def caption(head: str, pid: int | None, camid: int | None) -> str:
-    """``head``, then the identity and camera when the file name gave them."""
-    ids = f" · id {pid:04d} · cam {camid}" if pid is not None and camid is not None else ""
-    return f"{head}{ids}"
+    """``head``, then the identity and camera when the file name or the CSV gave them."""
+    ids = f" · id {pid:04d}" if pid is not None else ""
+    cam = f" · cam {camid}" if camid is not None else ""
+    return f"{head}{ids}{cam}"
 
 
 def show_query(query: Query) -> None:
@@ -120,7 +121,7 @@ def main() -> None:
     st.set_page_config(page_title="twinview: person retrieval", layout="wide")
     st.title("Person retrieval")
     model_path = st.sidebar.text_input("Model (.onnx)", os.environ.get(MODEL_ENV, "")).strip()
-    gallery_path = st.sidebar.text_input("Gallery (image folder or index folder)",
+    gallery_path = st.sidebar.text_input("Gallery (image folder, CSV or index folder)",
                                          os.environ.get(GALLERY_ENV, "")).strip()
     if not model_path:
         st.info(HOW_TO_MODEL)
@@ -142,7 +143,7 @@ def show_page(gallery: Gallery) -> None:
     threshold = st.sidebar.slider("No-match threshold (cosine similarity)", 0.0, 1.0, DEFAULT_THRESHOLD, 0.05,
                                   help="Hits less similar than this are not shown as matches.")
     query = pick_query(gallery)
-    if gallery.ids_known and gallery.queries:
+    if gallery.cameras_known and gallery.queries:
         show_scores(gallery)
     if query is None:
         return

@@ -137,6 +137,41 @@ def test_a_plain_folder_has_no_ids_and_is_searched_by_uploads(model: OnnxModel, 
     assert gallery.map_figure(result) is not None
 
 
+def test_a_csv_gallery_brings_its_ids_and_a_changed_id_is_embedded_again(model: OnnxModel, synth_market: Path,
+                                                                        tmp_path: Path) -> None:
+    """The app reads galleries as the command line does: a CSV gives ids (cameras optional), a folder
+    mixing Market-1501 names with others is refused naming the odd file."""
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    sources = sorted((synth_market / GALLERY).iterdir())[4:10]
+    for i, src in enumerate(sources):
+        shutil.copy(src, crops / f"person{i}.jpg")
+    listing = tmp_path / "lists" / "ids.csv"
+    listing.parent.mkdir()
+    rows = "".join(f"../crops/person{i}.jpg,{7 + i % 2}\n" for i in range(6))
+    listing.write_text("path,person_id\n" + rows)
+    cache = tmp_path / "cache"
+    gallery = Gallery.open(listing, model, cache=cache)
+    assert gallery.ids_known and not gallery.cameras_known and gallery.queries == []
+    assert gallery.index.meta["pids"] == [7, 8, 7, 8, 7, 8] and gallery.scores() is None
+    assert "identities, no cameras" in gallery.describe()
+    hit = gallery.search(gallery.upload(png(read_rgb(crops / "person3.jpg")), "me.png"), k=1).hits[0]
+    assert Path(hit.path).name == "person3.jpg" and hit.pid == 8 and hit.camid is None
+
+    rows = "".join(f"../crops/person{i}.jpg,{i},{i % 3}\n" for i in range(6))
+    listing.write_text("path,person_id,camera\n" + rows)
+    again = Gallery.open(listing, model, cache=cache)  # same files, other ids: not the stale cache
+    assert again.index.path != gallery.index.path and again.cameras_known
+    assert again.index.meta["pids"] == list(range(6)) and again.index.meta["camids"] == [0, 1, 2, 0, 1, 2]
+
+    listing.write_text("path,person_id\n../crops/person0.jpg,seven\n")
+    with pytest.raises(DataError, match=r"ids.csv.*line 2.*integer"):
+        Gallery.open(listing, model, cache=cache)
+    shutil.copy(sources[0], crops / sources[0].name)  # one Market-1501 name among plain names
+    with pytest.raises(DataError, match="person0.jpg: name does not match"):
+        Gallery.open(crops, model, cache=cache)
+
+
 def test_a_saved_index_brings_its_flip_setting_and_the_sibling_query_set(model: OnnxModel, synth_market: Path,
                                                                         tmp_path: Path) -> None:
     records = read_split(synth_market, GALLERY)[:24]  # a few identities: quick to map
@@ -229,7 +264,7 @@ def test_models_and_folders_that_cannot_serve_are_named(model: OnnxModel, tmp_pa
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     for path, reason in [(tmp_path / "nowhere", "no such folder"), (tmp_path / "empty", "no images"),
-                         (garbage, "not a folder")]:
+                         (garbage, "neither a folder nor a .csv file")]:
         with pytest.raises(DataError, match=reason):
             Gallery.open(path, model, cache=tmp_path / "cache")
 
@@ -318,7 +353,7 @@ def test_the_page_names_what_is_missing_or_wrong(monkeypatch: pytest.MonkeyPatch
     assert not at.exception and errors(at) == [f"{bare}: carries no twinview model card: export it with "
                                                "`twinview export`"]
     at = app(monkeypatch, model.path, tmp_path / "nowhere")
-    assert not at.exception and errors(at) == [f"{tmp_path / 'nowhere'}: no such folder"]
+    assert not at.exception and errors(at) == [f"{tmp_path / 'nowhere'}: no such folder or .csv file"]
 
     records = read_split(synth_market, GALLERY)[:6]
     index = build_index(np.eye(6, 512, dtype=np.float32), records, "0123456789abcdef", tmp_path / "index")
