@@ -27,6 +27,8 @@ class DataConfig:
     channels: PositiveInt = 3
     workers: NonNegativeInt = 0
     slice_axis: Axis = 2  # for msd_slices: the axis slices are taken along
+    # msd_slices and msd_3d read MSD tasks and nnU-Net raw sets: every modality when channels is their
+    # number, else the first one
     exclude_cases: list[str] = field(default_factory=list)  # MSD case / DSB2018 sample ids held out
 
 

@@ -20,7 +20,8 @@ from pretrain.config import DataConfig
 from pretrain.views import TwoViews
 
 Loader = Callable[[], np.ndarray]
-PRETRAIN_KINDS = {"market1501": "market1501", "msd": "msd_slices", "images": "images", "dsb2018": "dsb2018"}
+PRETRAIN_KINDS = {"market1501": "market1501", "msd": "msd_slices", "nnunet": "msd_slices", "images": "images",
+                  "image_pairs": "images", "dsb2018": "dsb2018"}
 """The data kind that ``auto`` reads for each layout :func:`twinview.data.inspect.detect_format` finds."""
 
 
@@ -41,32 +42,34 @@ def _image_loader(path: Path) -> Loader:
     return lambda: load_image(path)
 
 
-def _volume_samples(root: Path, slices: bool, axis: int, exclude: Sequence[str] = ()) -> Samples:
-    """MSD images (training and test, labels ignored, ``exclude`` case ids left out), as whole volumes
-    or as their 2D slices."""
-    from twinview.data.msd import read_msd
-    from twinview.data.nifti import load_nifti
+def _volume_samples(root: Path, slices: bool, axis: int, exclude: Sequence[str] = (), channels: int = 1
+                    ) -> Samples:
+    """The images of an MSD task or nnU-Net raw set (training and test, labels ignored, ``exclude`` case
+    ids left out), as whole volumes (``CxDxHxW``) or as their 2D slices (``HxWxC``). All modalities when
+    ``channels`` is their number, else the first one."""
+    from twinview.data.convert import read_volume_set
+    from twinview.data.nifti import load_channels
 
-    msd = read_msd(root)
+    volumes = read_volume_set(root)
+    every = channels > 1 and channels == len(volumes.channel_names)
     loaders: list[Loader] = []
     names: list[str] = []
     positions: list[float] = []
-    for rec in [*msd.training, *msd.test]:
+    for rec in [*volumes.training, *volumes.test]:
         if rec.case_id in exclude:
             continue
-        volume = np.asarray(load_nifti(rec.image)[0], dtype=np.float32)
-        if volume.ndim == 4:  # channels last in NIfTI: keep the first modality
-            volume = volume[..., 0]
+        volume = load_channels(rec.channels)[0].astype(np.float32)  # (C, X, Y, Z)
+        volume = volume if every else volume[:1]
         if slices:
-            count = volume.shape[axis]
+            count = volume.shape[axis + 1]
             for i in range(count):
-                sl = np.ascontiguousarray(np.take(volume, i, axis=axis))
+                sl = np.ascontiguousarray(np.moveaxis(np.take(volume, i, axis=axis + 1), 0, -1))
                 if sl.max() > sl.min():  # an all-constant slice has nothing to contrast
-                    loaders.append(lambda s=sl: s)
+                    loaders.append(lambda s=sl if every else sl[..., 0]: s)
                     names.append(f"{rec.case_id}[{axis}:{i}]")
                     positions.append(i / max(count - 1, 1))
         else:
-            loaders.append(lambda v=volume: v)
+            loaders.append(lambda v=volume if every else volume[0]: v)
             names.append(rec.case_id)
     return Samples(loaders, names, spatial_dims=2 if slices else 3, positions=positions if slices else None)
 
@@ -89,15 +92,16 @@ def load_samples(cfg: DataConfig) -> Samples:
         return Samples([_image_loader(r.path) for r in train], [r.path.name for r in train])
     if kind in ("msd_slices", "msd_3d"):
         return _volume_samples(root, slices=kind == "msd_slices", axis=cfg.slice_axis,
-                               exclude=cfg.exclude_cases)
+                               exclude=cfg.exclude_cases, channels=cfg.channels)
     if kind == "dsb2018":
         from twinview.data.dsb2018 import read_dsb2018
 
         recs = [r for r in read_dsb2018(root) if r.sample_id not in set(cfg.exclude_cases)]
         return Samples([_image_loader(r.image) for r in recs], [r.sample_id for r in recs])
+    from twinview.data.image_pairs import IMAGES_DIR, is_image_pairs
     from twinview.data.images import read_image_folder
 
-    recs = read_image_folder(root)
+    recs = read_image_folder(root / IMAGES_DIR if is_image_pairs(root) else root)  # never the masks
     return Samples([_image_loader(r.path) for r in recs], [r.path.name for r in recs])
 
 

@@ -215,17 +215,37 @@ def load_encoder_weights(target: nn.Module, state: Mapping[str, Tensor], strict:
     return untouched
 
 
-def load_encoder_file(path: str | Path, target: nn.Module, expected: Mapping[str, object]) -> dict:
+def load_encoder_file(path: str | Path, target: nn.Module, expected: Mapping[str, object],
+                      in_channels: int | None = None) -> dict:
     """Load a pretraining run's ``encoder.pt`` (or the run folder) into ``target``; returns its metadata.
 
     ``expected`` lists the ``encoder_config`` values the target needs (name, spatial_dims, in_channels,
     small_stem, ...); a missing file or any difference is a ``ConfigError`` that names the file, a file
-    that is no twinview encoder (a bare tensor, a plain pickle, a truncated file) a ``DataError``.
+    that is no twinview encoder (a bare tensor, a plain pickle, a truncated file) a ``DataError``. With
+    ``in_channels``, an encoder pretrained on another channel count is loaded through
+    :func:`adapt_input_channels` (the metadata then has ``adapted_from_channels``).
     """
     from engine.checkpoint import load_weights_file
 
     state, meta, _ = load_weights_file(path, "encoder.pt", "encoder", expected,
                                        "pass a pretraining run folder or its encoder.pt",
                                        fits=f"the {type(target).__name__} it is loaded into")
+    if in_channels is not None and meta.get("in_channels") != in_channels:
+        state = adapt_input_channels(state, int(meta["in_channels"]), in_channels)
+        meta = {**meta, "adapted_from_channels": int(meta["in_channels"]), "in_channels": in_channels}
     load_encoder_weights(target, state)
     return meta
+
+
+def adapt_input_channels(state: Mapping[str, Tensor], pretrained: int, wanted: int) -> dict[str, Tensor]:
+    """``state`` with its first convolution taking ``wanted`` input channels instead of ``pretrained``:
+    its kernels tiled over the new channels and scaled by ``pretrained / wanted``, so that channels that
+    look alike (a one-channel MRI encoder on T1 + T2 + FLAIR) give the stem the activations it was
+    pretrained on (the scheme timm uses for its ``in_chans`` argument)."""
+    key = next((k for k, v in state.items() if v.ndim >= 4), None)
+    if key is None or state[key].shape[1] != pretrained:
+        raise ValueError(f"no first convolution with {pretrained} input channels in this encoder state")
+    weight = state[key]
+    reps = -(-wanted // pretrained)
+    tiled = weight.repeat(1, reps, *([1] * (weight.ndim - 2)))[:, :wanted]
+    return {**state, key: tiled * (pretrained / wanted)}

@@ -37,7 +37,8 @@ natural     2     SimCLR: random resized crop 0.08-1, flip,   The standard SimCL
                   grey p 0.2, Gaussian blur sigma 0.1-2 p 0.5 the reference for the domain presets.
 =========== ===== ========================================== ===============================================
 
-Inputs: 2D ``HxW`` or ``HxWxC`` (C = 1, 3 or 4; a 4th alpha channel is dropped unless ``channels=4``),
+Inputs: 2D ``HxW`` or ``HxWxC`` (C = 1, 3 or 4; a 4th alpha channel is dropped unless ``channels=4``;
+for ct, mri and microscopy any C equal to ``channels``: co-registered modalities, moved together),
 uint8/uint16/int16/float; ``reid`` and ``natural`` need uint8 RGB (grey is repeated). 3D ``DxHxW`` or
 ``CxDxHxW``. ``ct`` expects Hounsfield units (DICOM rescale slope/intercept already applied). 3D volumes
 smaller than ``size`` are zero-padded (MR background; below the window for CT).
@@ -206,8 +207,10 @@ class ViewPipeline:
             return (x[None] if x.ndim == 3 else x).astype(np.float32, copy=False)
         if x.ndim == 2:
             x = x[..., None]
-        if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"2D views expect HxW or HxWxC with C in (1, 3, 4), got shape {x.shape}")
+        modalities = self.preset not in _COLOUR_PRESETS and x.ndim == 3 and x.shape[-1] == self.channels
+        if x.ndim != 3 or (x.shape[-1] not in (1, 3, 4) and not modalities):
+            raise ValueError(f"2D views expect HxW or HxWxC with C in (1, 3, 4) or C = channels for the "
+                             f"medical presets, got shape {x.shape}")
         if x.shape[-1] == 4 and self.channels != 4:
             x = x[..., :3]  # alpha
         if self.preset not in _COLOUR_PRESETS:

@@ -143,3 +143,37 @@ def test_market_clusters_are_purer_than_chance(shared_data: Path) -> None:
     assert found.clusters >= 16, found.clusters
     assert purity(found.labels, truth) > 2 * purity(shuffled, truth), (purity(found.labels, truth),
                                                                         purity(shuffled, truth))
+
+
+def test_nuclei_as_image_mask_pairs_run_the_whole_workflow(tmp_path: Path, shared_data: Path) -> None:
+    """DSB2018 written as images/ + masks/ (0/255 PNGs): inspect, pretrain without labels, fine-tune
+    with 5 labelled images, predict and evaluate."""
+    from downstream.recipes import pretrain
+    from downstream.seg.config import SegConfig
+    from downstream.seg.predict import evaluate_run, predict
+    from downstream.seg.train import run_segmentation
+    from twinview.config import load_config
+    from twinview.data.convert import convert
+    from twinview.data.inspect import LayoutOptions, inspect_path
+
+    data = shared_data / "dsb2018-nuclei"
+    before = snapshot(data)
+    pairs = tmp_path / "pairs"
+    done = convert(data, pairs, "image_pairs")
+    report = inspect_path(pairs, LayoutOptions(mask_values=done["mask_values"]))
+    assert report["problems"] == [] and report["masks"] == done["training"] == 50
+    assert report["mask_values"] == [0, 1]
+    pretrain(REPO / "configs/pretrain/nuclei_simclr.yaml", [
+        f"out_dir={tmp_path / 'simclr'}", f"data.path={pairs}", "data.kind=auto", "train.epochs=2",
+        "train.batch_size=16", "train.progress=false", "optim.warmup_epochs=1"])
+    cfg = load_config(SegConfig, REPO / "configs/seg/image_pairs.yaml", [
+        f"out_dir={tmp_path / 'seg'}", f"data.path={pairs}", "data.label_cases=5", "train.steps=80",
+        "train.batch_size=8", "train.val_every_steps=40", "train.progress=false",
+        f"model.encoder_weights={tmp_path / 'simclr'}"])
+    result = run_segmentation(cfg)
+    assert result.summary["cases"] == 10 and result.summary["dice_nucleus"] > 0.5, result.summary
+    rows = predict(pairs, result.run_dir, tmp_path / "pred", overlays=False)
+    assert len(rows) == 50 and all(Path(r["mask"]).suffix == ".png" for r in rows)
+    again, _ = evaluate_run(result.run_dir, tmp_path / "eval")
+    assert again["dice_nucleus"] == pytest.approx(result.summary["dice_nucleus"], abs=1e-6)
+    assert snapshot(data) == before

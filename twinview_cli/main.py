@@ -18,11 +18,32 @@ from twinview_cli.launch import DEMO_MODELS
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from twinview.data.inspect import inspect_path
+    from twinview.data.case_folders import CasePatterns
+    from twinview.data.inspect import LayoutOptions, inspect_path
 
-    report = inspect_path(args.path)
+    patterns = CasePatterns(tuple(args.image), args.label or "") if args.image else None
+    options = LayoutOptions(patterns, args.mask_suffix, _mask_values(args.mask_values))
+    report = inspect_path(args.path, options)
     print(json.dumps(report, indent=2 if args.pretty else None))
     return 1 if report["problems"] else 0
+
+
+def _mask_values(text: str | None) -> dict[int, int] | None:
+    """``"0:0,255:1"`` as ``{0: 0, 255: 1}``."""
+    if not text:
+        return None
+    try:
+        return {int(k): int(v) for k, v in (pair.split(":") for pair in text.split(","))}
+    except ValueError:
+        reason = f"--mask-values {text!r}: expected STORED:CLASS pairs, e.g. 0:0,255:1"
+        raise DataError(None, reason) from None
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from twinview.data.convert import convert
+
+    print(json.dumps(convert(args.source, args.out, args.to), indent=2))
+    return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -229,12 +250,33 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     inspect = data_sub.add_parser(
         "inspect", help="detect the layout, open every file, print a JSON report",
-        description="Detect the layout of PATH (market1501, msd, nifti, dicom, images, dsb2018, coco), open "
-                    "every file and print one JSON object with counts and problems. Exit code 0 "
-                    "without problems, 1 when problems were found, 2 when PATH is no readable layout.")
+        description="Detect the layout of PATH (market1501, nnunet, msd, case_folders, image_pairs, nifti, "
+                    "dicom, images, dsb2018, coco), open every file and print one JSON object with counts "
+                    "and problems. Exit code 0 without problems, 1 when problems were found, 2 when PATH is "
+                    "no readable layout.")
     inspect.add_argument("path", type=Path, help="data folder (or a COCO JSON file)")
     inspect.add_argument("--pretty", action="store_true", help="indent the JSON")
+    inspect.add_argument("--image", action="append", metavar="PATTERN",
+                         help="per-case folders: a file-name pattern per image channel, in order (repeat); "
+                              "without it the patterns are guessed and reported")
+    inspect.add_argument("--label", metavar="PATTERN", help="per-case folders: the label file's pattern")
+    inspect.add_argument("--mask-suffix", help="image/mask pairs: the mask stem's suffix (default: found)")
+    inspect.add_argument("--mask-values", metavar="STORED:CLASS,...",
+                         help="image/mask pairs: stored mask value to class, e.g. 0:0,255:1")
     inspect.set_defaults(func=_cmd_inspect, parser=inspect)
+
+    convert_cmd = data_sub.add_parser(
+        "convert", help="rewrite a labelled set as nnU-Net raw, MSD, per-case folders or 2D pairs",
+        description="Write the labelled volumes of SOURCE (an MSD task or an nnU-Net raw data set) in "
+                    "another layout: nnunet (dataset.json, imagesTr/CASE_XXXX.nii.gz, labelsTr/), msd (4D "
+                    "images for several channels) or case_folders (CASE/<channel>.nii.gz and "
+                    "CASE/seg.nii.gz; prints the patterns that read them). Voxels and affines are kept. "
+                    "A DSB2018 folder converts to image_pairs (images/<id>.png, masks/<id>_mask.png: the "
+                    "union of the nucleus masks, 0/255).")
+    convert_cmd.add_argument("source", type=Path, help="an MSD task, nnU-Net raw data set or DSB2018 folder")
+    convert_cmd.add_argument("--to", required=True, choices=("nnunet", "msd", "case_folders", "image_pairs"))
+    convert_cmd.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
+    convert_cmd.set_defaults(func=_cmd_convert, parser=convert_cmd)
 
     synth = data_sub.add_parser(
         "synth", help="write a synthetic data set in a standard layout",

@@ -21,8 +21,16 @@ from twinview.config import (
 class SegDataConfig:
     """Which labelled cases to read, how to split them and how to preprocess them."""
 
-    path: str = ""  # an MSD task folder, or a DSB2018 folder (2D)
-    kind: Literal["auto", "msd", "dsb2018"] = "auto"
+    # an MSD task, an nnU-Net raw data set, per-case folders, 2D image/mask pairs, or a DSB2018 folder
+    path: str = ""
+    kind: Literal["auto", "msd", "nnunet", "case_folders", "image_pairs", "dsb2018"] = "auto"
+    # per-case folders: a file-name pattern per image channel (in order) and the label's pattern
+    image: list[str] = field(default_factory=list)
+    label: str = ""
+    # per-case folders and image/mask pairs (no dataset.json): class value -> name, 0 = background
+    labels: dict[int, str] = field(default_factory=dict)
+    mask_suffix: str | None = None  # image/mask pairs: the mask stem's suffix (null: found from the names)
+    mask_values: dict[int, int] = field(default_factory=dict)  # image/mask pairs: stored value -> class
     # 2: the model sees 2D slices of the volumes (along slice_axis) or 2D images
     spatial_dims: Literal[2, 3] = 3
     slice_axis: Axis = 2  # volume axis the 2D slices are taken along (after orientation)
@@ -42,6 +50,11 @@ class SegDataConfig:
     label_fraction: Fraction = 1.0  # share of the remaining labelled cases used for training
     label_cases: NonNegativeInt = 0  # train on this many labelled cases instead (0: use label_fraction)
     split_file: str = ""  # reuse this split.json (its test and val cases) instead of drawing one
+    # ram: every training case preprocessed into memory; disk: preprocessed once into cache_dir (default
+    # ~/.cache/twinview/seg, or $TWINVIEW_CACHE/seg) and read back as needed, for data larger than memory
+    cache: Literal["ram", "disk"] = "ram"
+    cache_dir: str = ""
+    cache_ram_gb: NonNegative = 2.0  # disk: the most recently used cases kept in memory, up to this size
 
 
 @dataclass

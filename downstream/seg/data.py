@@ -29,6 +29,8 @@ from twinview.config import ConfigError
 from twinview.errors import DataError
 
 KEYS = ("image", "label")
+TWO_D_KINDS = ("dsb2018", "image_pairs")
+LAYOUT_KINDS = {k: k for k in ("msd", "nnunet", "case_folders", "image_pairs", "dsb2018")}
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis-code meaning (MONAI's default, given explicitly)
 PERCENTILES = (1.0, 99.0)  # microscopy: these percentiles map to [0, 1]
 
@@ -37,8 +39,10 @@ PERCENTILES = (1.0, 99.0)  # microscopy: these percentiles map to [0, 1]
 class Case:
     case_id: str
     image: Path  # a NIfTI file, a 2D image, or a DICOM series folder (with ``series_uid``)
-    label: Path | None
+    label: Path | None  # a label volume, a 2D mask, or DSB2018's masks/ folder
     series_uid: str = ""
+    # one NIfTI file per channel (nnU-Net raw, per-case folders); ``image`` is the first of them
+    channels: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,15 +50,16 @@ class SegTask:
     """Labelled cases of one data set with its label names and modality."""
 
     name: str
-    kind: str  # msd | dsb2018
+    kind: str  # msd | nnunet | case_folders | image_pairs | dsb2018
     labels: dict[int, str]  # 0 = background
     modality: str  # MRI, CT, microscopy, ...
     in_channels: int
     cases: list[Case]
+    mask_values: dict[int, int] | None = None  # image/mask pairs: stored mask value -> class
 
     @property
     def image_dims(self) -> int:
-        return 2 if self.kind == "dsb2018" else 3
+        return 2 if self.kind in TWO_D_KINDS else 3
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:
@@ -68,8 +73,9 @@ def read_task(cfg: SegDataConfig) -> SegTask:
     root = Path(cfg.path)
     from twinview.data.inspect import resolve_layout
 
-    kind = resolve_layout(root, cfg.kind, {"msd": "msd", "dsb2018": "dsb2018"},
-                          "segmentation, which needs labels (an MSD task or DSB2018)")
+    purpose = ("segmentation, which needs labels (an MSD task, an nnU-Net raw set, per-case folders, "
+               "image/mask pairs or DSB2018)")
+    kind = resolve_layout(root, cfg.kind, LAYOUT_KINDS, purpose)
     if kind == "msd":
         from twinview.data.msd import read_msd
 
@@ -78,11 +84,59 @@ def read_task(cfg: SegDataConfig) -> SegTask:
         channels = max(len(msd.modality), 1)
         modality = next(iter(msd.modality.values()), "MRI")
         return SegTask(msd.name, kind, dict(msd.labels), modality, channels, cases)
+    if kind == "nnunet":
+        from twinview.data.nnunet import read_nnunet
+
+        ds = read_nnunet(root)
+        cases = [Case(c.case_id, c.channels[0], c.label, channels=c.channels) for c in ds.training]
+        return SegTask(ds.name, kind, ds.labels, ds.channel_names[0], len(ds.channel_names), cases)
+    if kind == "case_folders":
+        from twinview.data.case_folders import CasePatterns, read_case_folders
+
+        if not cfg.image or not cfg.label:
+            raise ConfigError(None, f"{cfg.path}: per-case folders need data.image (a file-name pattern per "
+                                    "channel) and data.label; `twinview data inspect` proposes them")
+        patterns = CasePatterns(tuple(cfg.image), cfg.label)
+        found = [c for c in read_case_folders(root, patterns) if c.label is not None]
+        cases = [Case(c.case_id, c.channels[0], c.label, channels=c.channels) for c in found]
+        modality = "+".join(patterns.modality_names())
+        return SegTask(root.name, kind, _declared_labels(cfg), modality, len(cfg.image), cases)
+    if kind == "image_pairs":
+        from twinview.data.image_pairs import read_image_pairs
+        from twinview.data.images import image_record
+
+        pairs = [p for p in read_image_pairs(root, cfg.mask_suffix) if p.mask is not None]
+        if not pairs:
+            raise DataError(root, "no image has a mask")
+        rgb = any(image_record(p.image).channels == 3 for p in pairs)
+        cases = [Case(p.case_id, p.image, p.mask) for p in pairs]
+        return SegTask(root.name, kind, _declared_labels(cfg), "image", 3 if rgb else 1, cases,
+                       _mask_values(cfg) or None)
     from twinview.data.dsb2018 import read_dsb2018
 
     records = [r for r in read_dsb2018(root) if r.masks]
     cases = [Case(r.sample_id, r.image, r.image.parent.parent / "masks") for r in records]
     return SegTask("DSB2018 nuclei", kind, {0: "background", 1: "nucleus"}, "microscopy", 3, cases)
+
+
+def _mask_values(cfg: SegDataConfig) -> dict[int, int]:
+    try:
+        return {int(k): int(v) for k, v in cfg.mask_values.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(None, f"data.mask_values {cfg.mask_values!r}: integers, stored value to class, "
+                                "e.g. {0: 0, 255: 1}") from None
+
+
+def _declared_labels(cfg: SegDataConfig) -> dict[int, str]:
+    """``data.labels`` of a layout without a dataset.json; ConfigError when absent or without 0."""
+    try:
+        labels = {int(k): str(v) for k, v in cfg.labels.items()}
+    except ValueError:
+        labels = {}
+    if 0 not in labels or len(labels) < 2:
+        raise ConfigError(None, f"{cfg.path}: set data.labels, the classes with 0 the background, e.g. "
+                                "{0: background, 1: lesion}")
+    return dict(sorted(labels.items()))
 
 
 # --------------------------------------------------------------------------- splits
@@ -140,12 +194,24 @@ def load_case(case: Case, task: SegTask, with_label: bool = True) -> dict[str, M
         image = np.moveaxis(sample.image, -1, 0).astype(np.float32)
         label = sample.semantic[None].astype(np.float32)
         affine = np.eye(4)
+    elif task.kind == "image_pairs":
+        image, label = _load_pair_2d(case, task, with_label)
+        affine = np.eye(4)
     elif case.series_uid:
         from twinview.data.dicom import load_dicom_series, read_dicom_series
 
         record = next(r for r in read_dicom_series(case.image) if r.series_uid == case.series_uid)
         volume, affine = load_dicom_series(record)
         image = volume[None]
+    elif case.channels:
+        from twinview.data.nifti import load_channels, load_label
+
+        image, affine = load_channels(case.channels)
+        image = image.astype(np.float32)
+        if image.shape[0] != task.in_channels:
+            raise DataError(case.image, f"{image.shape[0]} channels; the task has {task.in_channels}")
+        if with_label and case.label is not None:
+            label = np.asarray(load_label(case.label, image.shape[1:], affine))[None].astype(np.float32)
     else:
         from twinview.data.nifti import load_nifti, load_pair
 
@@ -174,10 +240,37 @@ def load_case(case: Case, task: SegTask, with_label: bool = True) -> dict[str, M
     return out
 
 
+def load_image_2d(path: Path, in_channels: int) -> np.ndarray:
+    """A 2D image as (C, H, W) float32 with the task's channels: grey repeated for an RGB task, and a
+    DataError for an RGB image given to a grey task."""
+    from twinview.data.images import load_image
+
+    image = np.moveaxis(load_image(path), -1, 0).astype(np.float32)
+    if image.shape[0] == 1 and in_channels == 3:
+        image = np.repeat(image, 3, axis=0)
+    elif image.shape[0] != in_channels:
+        raise DataError(path, f"{image.shape[0]} channels; the model takes {in_channels}")
+    return image
+
+
+def _load_pair_2d(case: Case, task: SegTask, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image/mask pair: (C, H, W) image and (1, H, W) classes (:mod:`twinview.data.image_pairs`)."""
+    from twinview.data.image_pairs import load_mask
+
+    image = load_image_2d(case.image, task.in_channels)
+    if not with_label or case.label is None:
+        return image, None
+    mask = load_mask(case.label, task.mask_values, task.labels)
+    if mask.shape != image.shape[1:]:
+        raise DataError(case.label, f"mask is {mask.shape[0]}x{mask.shape[1]}, its image "
+                                    f"{image.shape[1]}x{image.shape[2]} (height x width)")
+    return image, mask[None].astype(np.float32)
+
+
 def normalize_mode(cfg: SegDataConfig, task: SegTask) -> str:
     if cfg.normalize != "auto":
         return cfg.normalize
-    if task.kind == "dsb2018":
+    if task.kind in TWO_D_KINDS:
         return "percentile"
     return "ct_window" if task.modality.upper() == "CT" else "zscore"
 
@@ -211,8 +304,11 @@ def preprocess_metadata(cfg: SegDataConfig, task: SegTask) -> dict[str, Any]:
     intensity = {"zscore": {"kind": "zscore_nonzero"},
                  "ct_window": {"kind": "ct_window", "window": [float(v) for v in cfg.ct_window]},
                  "percentile": {"kind": "percentile", "percentiles": list(PERCENTILES)}}[mode]
-    policy = ("RGB: alpha dropped, grey repeated" if task.kind == "dsb2018"
-              else "as stored: a 4D volume's last axis holds the in_channels channels")
+    policy = {"dsb2018": "RGB: alpha dropped, grey repeated",
+              "image_pairs": "RGB: alpha dropped, grey repeated" if task.in_channels == 3 else "grey",
+              "nnunet": "one file per channel (CASE_XXXX), in dataset.json channel_names order",
+              "case_folders": "one file per channel, in data.image pattern order"}.get(
+        task.kind, "as stored: a 4D volume's last axis holds the in_channels channels")
     return {"intensity": intensity, "resize": "sliding_window",
             "orientation": cfg.orientation if task.image_dims == 3 else "", "spacing": cfg.spacing,
             "slice_axis": cfg.slice_axis if cfg.spatial_dims == 2 and task.image_dims == 3 else None,

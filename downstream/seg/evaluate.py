@@ -67,9 +67,13 @@ def data_config_from(meta: dict[str, Any], path: str = "") -> SegDataConfig:
         roi = meta["roi"]
     else:
         normalize, ct_window, slice_axis, roi = p["normalize"], p["ct_window"], p["slice_axis"], p["roi"]
+    layout = meta.get("layout", {})  # file-name patterns and declared classes of the training layout
     return SegDataConfig(path=path, kind=meta["kind"], spatial_dims=meta["spatial_dims"],
                          slice_axis=slice_axis, roi=list(roi), orientation=p["orientation"] or "",
-                         spacing=p["spacing"], normalize=normalize, ct_window=list(ct_window))
+                         spacing=p["spacing"], normalize=normalize, ct_window=list(ct_window),
+                         image=list(layout.get("image", [])), label=layout.get("label", ""),
+                         labels=labels_of(meta) if layout else {}, mask_suffix=layout.get("mask_suffix"),
+                         mask_values={int(k): int(v) for k, v in layout.get("mask_values", {}).items()})
 
 
 def labels_of(meta: dict[str, Any]) -> dict[int, str]:

@@ -52,15 +52,16 @@ def load_pretrained_encoder(model: nn.Module, cfg: SegModelConfig, spatial_dims:
                             in_channels: int) -> dict[str, Any]:
     """Load ``cfg.encoder_weights`` into the network's encoder; returns the encoder's metadata.
 
-    The pretraining run must have used the same encoder, dimensionality, stem and channel count.
+    The pretraining run must have used the same encoder, dimensionality and stem; an encoder pretrained
+    on another number of channels (one MRI channel for a multi-modal task) has its first convolution
+    tiled and scaled to ``in_channels`` (:func:`pretrain.encoders.adapt_input_channels`).
     """
     target = encoder_of(model)
     if target is None:
         raise ConfigError(None, f"model.arch={cfg.arch} has no encoder to load {cfg.encoder_weights} into; "
                                 "use flexunet")
-    expected = {"name": cfg.encoder, "spatial_dims": spatial_dims, "in_channels": in_channels,
-                "small_stem": False}
-    return load_encoder_file(cfg.encoder_weights, target, expected)
+    expected = {"name": cfg.encoder, "spatial_dims": spatial_dims, "small_stem": False}
+    return load_encoder_file(cfg.encoder_weights, target, expected, in_channels=in_channels)
 
 
 def load_pretrained_decoder(model: nn.Module, cfg: SegModelConfig, spatial_dims: int,

@@ -23,8 +23,17 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from downstream.seg.config import SegTrainConfig
-from downstream.seg.data import Case, SegTask, intensity_transform, load_case, read_task, spatial_transform
+from downstream.seg.config import SegDataConfig, SegTrainConfig
+from downstream.seg.data import (
+    TWO_D_KINDS,
+    Case,
+    SegTask,
+    intensity_transform,
+    load_case,
+    load_image_2d,
+    read_task,
+    spatial_transform,
+)
 from downstream.seg.evaluate import (
     data_config_from,
     evaluate_cases,
@@ -40,50 +49,63 @@ from twinview.errors import DataError, display_path
 
 
 def _task_of(meta: dict[str, Any]) -> SegTask:
-    return SegTask(meta["task"], meta["kind"], labels_of(meta), meta["modality"], meta["in_channels"], [])
+    return SegTask(meta["task"], meta["kind"], labels_of(meta), meta["modality"], meta["in_channels"], [],
+                   data_config_from(meta).mask_values or None)
 
 
 PREDICTIONS_FILE, VOLUMES_FILE, OVERLAYS = "predictions.json", "volumes.csv", "overlays"
 PREDICTIONS_KIND = "twinview-seg-predictions"
 
 
-def input_cases(path: Path, kind: str) -> list[Case]:
-    """The images to predict: a file, a folder of NIfTI files or images, an MSD task folder, or a folder of
-    DICOM series (one case per series, named after its folder). 2D images are refused for a task of
-    volumes (``kind`` other than ``dsb2018``), and two inputs of the same case name (their masks would
+def input_cases(path: Path, kind: str, data: SegDataConfig | None = None) -> list[Case]:
+    """The images to predict: a file, a folder of NIfTI files or images, an MSD task or nnU-Net raw
+    folder (training and test cases), per-case folders (with ``data``'s patterns), the ``images/`` of
+    image/mask pairs, or a folder of DICOM series (one case per series, named after its folder). 2D
+    images are refused for a task of volumes, and two inputs of the same case name (their masks would
     overwrite each other)."""
+    from twinview.data import case_folders, image_pairs, nnunet
     from twinview.data.images import is_image, list_image_files
     from twinview.data.nifti import case_id, is_nifti, nifti_files
     from twinview.errors import missing_path
 
+    two_d = kind in TWO_D_KINDS
     if path.is_file():
         if not (is_nifti(path) or is_image(path)):
             raise DataError(path, "not a NIfTI file (.nii/.nii.gz) or an image")
-        if kind != "dsb2018" and not is_nifti(path):
+        if not two_d and not is_nifti(path):
             raise DataError(path, "a 2D image; the model segments 3D volumes")
         return [Case(case_id(path) if is_nifti(path) else path.stem, path, None)]
     if not path.is_dir():
         raise missing_path(path)
+    if nnunet.is_nnunet(path):
+        ds = nnunet.read_nnunet(path)
+        found = [*ds.test, *ds.training]
+        return _unique([Case(c.case_id, c.channels[0], None, channels=c.channels) for c in found])
     if (path / "dataset.json").exists():
         from twinview.data.msd import read_msd
 
         msd = read_msd(path)
         return _unique([Case(r.case_id, r.image, None) for r in [*msd.test, *msd.training]])
+    if not two_d and data is not None and data.image and case_folders.is_case_folders(path):
+        found = case_folders.read_case_folders(path, case_folders.CasePatterns(tuple(data.image), data.label))
+        return [Case(c.case_id, c.channels[0], None, channels=c.channels) for c in found]
     from twinview.data.inspect import detect_format
 
-    if kind != "dsb2018" and detect_format(path) == "dicom":
+    if not two_d and detect_format(path) == "dicom":
         from twinview.data.dicom import read_dicom_series
 
         series = read_dicom_series(path)
         return [Case(f"{r.folder.name or 'series'}_{i:03d}", r.folder, None, r.series_uid)
                 for i, r in enumerate(series)]
-    files = nifti_files(path) if kind != "dsb2018" else []
+    files = nifti_files(path) if not two_d else []
     if files:
         return _unique([Case(case_id(f), f, None) for f in files])
+    if two_d and image_pairs.is_image_pairs(path):
+        path = path / image_pairs.IMAGES_DIR  # not the masks beside them
     images = list_image_files(path)
     if not images:
         raise DataError(path, "no NIfTI files or images found")
-    if kind != "dsb2018":
+    if not two_d:
         raise DataError(images[0], "a 2D image; the model segments 3D volumes")
     return _unique([Case(p.stem, p, None) for p in images])
 
@@ -135,9 +157,12 @@ def foreign_predictions(folder: Path) -> str | None:
 def _load_input(case: Case, task: SegTask) -> dict[str, MetaTensor]:
     if task.image_dims == 3:
         return load_case(case, task, with_label=False)
-    from twinview.data.dsb2018 import load_rgb
+    if task.kind == "dsb2018":
+        from twinview.data.dsb2018 import load_rgb
 
-    image = np.moveaxis(load_rgb(case.image), -1, 0).astype(np.float32)
+        image = np.moveaxis(load_rgb(case.image), -1, 0).astype(np.float32)
+    else:
+        image = load_image_2d(case.image, task.in_channels)
     return {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image)), affine=torch.eye(4))}
 
 
@@ -166,7 +191,7 @@ def predict(inputs: Path, run: Path, out: Path, overlays: bool = True,
     dev = select_device(device)
     model, meta = load_model(run, dev)
     task = _task_of(meta)
-    cases = input_cases(inputs, task.kind)
+    cases = input_cases(inputs, task.kind, data_config_from(meta))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -272,7 +297,9 @@ def evaluate_run(run: Path, out: Path, data_path: str | None = None, split: str 
     dev = select_device(device)
     model, meta = load_model(run, dev)
     data = data_config_from(meta, data_path or "")
-    if not data_path:
+    if data_path:
+        data.kind = "auto"  # another copy of the data may come in another layout
+    else:
         from downstream.seg.config import SegConfig
         from twinview.config import load_config
 

@@ -11,6 +11,7 @@ and the plain metadata needed to rebuild the network), ``model.json`` (its model
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from downstream.seg.config import SegConfig
+from downstream.seg.config import SegConfig, SegDataConfig
 from downstream.seg.data import (
+    Case,
     PatchDataset,
     SegTask,
     make_split,
@@ -89,7 +91,17 @@ def model_metadata(cfg: SegConfig, task: SegTask) -> dict[str, Any]:
             "out_channels": max(task.labels) + 1, "labels": {str(k): v for k, v in task.labels.items()},
             "task": task.name, "kind": task.kind, "modality": task.modality,
             "preprocessing": preprocess_metadata(cfg.data, task), "roi": list(cfg.data.roi),
-            "encoder_weights": cfg.model.encoder_weights, "decoder_weights": cfg.model.decoder_weights}
+            "encoder_weights": cfg.model.encoder_weights, "decoder_weights": cfg.model.decoder_weights,
+            **({"layout": _layout_metadata(cfg.data)} if task.kind in LAYOUTS_WITHOUT_JSON else {})}
+
+
+LAYOUTS_WITHOUT_JSON = ("case_folders", "image_pairs")
+
+
+def _layout_metadata(d: SegDataConfig) -> dict[str, Any]:
+    """What reads another copy of a layout without a dataset.json: the patterns and the mask mapping."""
+    return {"image": list(d.image), "label": d.label, "mask_suffix": d.mask_suffix,
+            "mask_values": {str(k): int(v) for k, v in d.mask_values.items()}}
 
 
 def load_split(run_dir: Path, cfg: SegConfig, task: SegTask) -> dict[str, Any]:
@@ -117,8 +129,9 @@ class SegTrainTask(Task):
     def build(self, device: torch.device, rank: int, world: int) -> Parts:
         cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
         items = _train_items(cfg, self.task, self.split["train"])
-        self.val_cases = ([preprocess_case(self.task.case(i), self.task, d) for i in self.split["val"]]
-                          if t.val_every_steps else [])
+        val = [self.task.case(i) for i in self.split["val"]] if t.val_every_steps else []
+        self.val_cases = ([preprocess_case(c, self.task, d) for c in val] if d.cache == "ram"
+                          else _Preprocessed(val, self.task, d))
         self.dataset = PatchDataset(items, train_transform(d.roi, d.pos_fraction, d.flip_axes), seed=t.seed,
                                     length=max(len(items), t.batch_size * world))
         self.sampler = ResumableSampler(len(self.dataset), t.seed, rank, world)
@@ -203,12 +216,31 @@ def run_segmentation(cfg: SegConfig, resume: Path | None = None) -> SegResult:
     return SegResult(s.run.path, result.steps, result.final_loss, model_path, summary, table)
 
 
-def _train_items(cfg: SegConfig, task: SegTask, ids: list[str]) -> list[dict[str, Any]]:
+class _Preprocessed(Sequence):
+    """Cases preprocessed each time they are read (validation with ``data.cache: disk``)."""
+
+    def __init__(self, cases: list[Case], task: SegTask, data: SegDataConfig) -> None:
+        self.cases, self.task, self.data = cases, task, data
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        return preprocess_case(self.cases[i], self.task, self.data)
+
+
+def _train_items(cfg: SegConfig, task: SegTask, ids: list[str]) -> Sequence[dict[str, Any]]:
     from tqdm.auto import tqdm
 
+    slices = cfg.data.spatial_dims == 2 and task.image_dims == 3
+    if cfg.data.cache == "disk":
+        from downstream.seg.store import CaseStore, StoredItems
+
+        store = CaseStore.build([task.case(i) for i in ids], task, cfg.data, progress=cfg.train.progress)
+        return StoredItems(store, ids, slices)
     cases = [preprocess_case(task.case(i), task, cfg.data)
              for i in tqdm(ids, desc="load train", disable=not cfg.train.progress, unit="case")]
-    if cfg.data.spatial_dims == 2 and task.image_dims == 3:
+    if slices:
         return to_slices(cases, cfg.data.slice_axis)
     return [{"image": c["image"].as_tensor(), "label": c["label"].as_tensor()} for c in cases]
 

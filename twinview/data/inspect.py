@@ -16,6 +16,15 @@ dataset.json) raises DataError. Counts cover the files that read cleanly. Keys p
 - dicom: ``series``, ``slices``, ``modalities``, ``series_details`` (folder, modality, shape, spacing)
 - images: ``images``, ``size_min``, ``size_max`` (``[height, width]``), ``channels``, ``bit_depths``
 - dsb2018: ``images``, ``instances``, ``unlabelled``, ``size_min``, ``size_max``
+- nnunet (nnU-Net v2 raw): ``name``, ``channel_names``, ``label_names``, ``regions``, ``cases``
+  (complete labelled training cases), ``test``, ``labels``, ``shape_min``, ``shape_max``, ``spacing``
+- case_folders: ``cases``, ``labelled``, ``patterns`` (``image``, ``label``), ``patterns_guessed``
+  (true when none were given: then ``names`` lists each file name shared across cases, the case id
+  replaced by ``*``, with how many cases have it), ``modalities`` (the channel names), ``labels``,
+  ``shape_min``, ``shape_max``, ``spacing``. A case lacking a modality is a problem.
+- image_pairs: ``images``, ``masks``, ``unlabelled``, ``mask_suffix``, ``mask_values`` (stored values
+  found, or the classes when a mapping is given), ``size_min``, ``size_max``, ``channels``,
+  ``bit_depths``. A mask without an image, or with a value the mapping lacks, is a problem.
 - coco (a COCO JSON file, or a folder holding exactly one at its top): ``file``, ``image_root`` and
   :func:`~twinview.data.coco.coco_summary`'s keys (``images``, ``boxes``, ``boxes_per_image``,
   ``categories``, ``box_size``, ``clipped``, ``dropped``, ``images_without_boxes``). Missing or unreadable
@@ -34,6 +43,7 @@ import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,14 +51,37 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from twinview.data import coco, dicom, dsb2018, images, market1501, msd, nifti
+from twinview.data import (
+    case_folders,
+    coco,
+    dicom,
+    dsb2018,
+    image_pairs,
+    images,
+    market1501,
+    msd,
+    nifti,
+    nnunet,
+)
+from twinview.data.case_folders import CasePatterns
+from twinview.data.nnunet import SegCase
 from twinview.data.records import VolumeRecord
 from twinview.errors import DataError, display_path, missing_path
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
 Report = dict[str, Any]
-FORMATS = ("market1501", "msd", "nifti", "dicom", "images", "dsb2018", "coco")
+FORMATS = ("market1501", "nnunet", "msd", "case_folders", "image_pairs", "nifti", "dicom", "images",
+           "dsb2018", "coco")
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    """What file names alone do not settle: per-case folders' patterns, 2D masks' suffix and values."""
+
+    case_patterns: CasePatterns | None = None
+    mask_suffix: str | None = None  # None: found from the names
+    mask_values: dict[int, int] | None = None  # stored mask value -> class
 
 
 def detect_format(path: PathLike) -> str:
@@ -60,14 +93,20 @@ def detect_format(path: PathLike) -> str:
         return _file_format(path)
     if not any(path.iterdir()):
         raise DataError(path, "empty folder")
+    if nnunet.is_nnunet(path):
+        return "nnunet"
     if (path / msd.DATASET_JSON).is_file():
         return "msd"
     if any((path / split).is_dir() for split in market1501.SPLITS):
         return "market1501"
+    if image_pairs.is_image_pairs(path):
+        return "image_pairs"
     if dsb2018.is_dsb2018(path):
         return "dsb2018"
     if coco.coco_files(path):
         return "coco"
+    if case_folders.is_case_folders(path):
+        return "case_folders"
     if nifti.nifti_files(path):
         return "nifti"
     files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -76,7 +115,8 @@ def detect_format(path: PathLike) -> str:
     if any(images.is_image(p) for p in files):
         return "images"
     raise DataError(
-        path, "unknown layout: not MSD, Market-1501, DSB2018 or COCO, and no NIfTI, DICOM or image files"
+        path, "unknown layout: not MSD, nnU-Net, per-case folders, image/mask pairs, Market-1501, DSB2018 or "
+              "COCO, and no NIfTI, DICOM or image files"
     )
 
 
@@ -103,10 +143,16 @@ def _file_format(path: Path) -> str:
     raise DataError(path, "unknown file type: not NIfTI, DICOM, a PNG/JPEG/TIFF image or a COCO JSON")
 
 
-def inspect_path(path: PathLike) -> Report:
+def inspect_path(path: PathLike, options: LayoutOptions | None = None) -> Report:
     """Detect the format of ``path``, open every file and report counts and problems (see module doc)."""
     fmt = detect_format(path)
-    report = _INSPECTORS[fmt](Path(path))
+    options = options or LayoutOptions()
+    if fmt == "case_folders":
+        report = _inspect_case_folders(Path(path), options.case_patterns)
+    elif fmt == "image_pairs":
+        report = _inspect_image_pairs(Path(path), options)
+    else:
+        report = _INSPECTORS[fmt](Path(path))
     return {"format": fmt, "path": display_path(path), **report}
 
 
@@ -264,6 +310,110 @@ def _msd_case(image: Path, label: Path) -> tuple[VolumeRecord, np.ndarray]:
     return record, label_array
 
 
+def _volume_cases(cases: Sequence[SegCase], problems: list[dict[str, str]], labels: set[int] | None
+                  ) -> tuple[list[tuple[tuple[int, ...], tuple[float, float, float]]], set[int], int]:
+    """Open every channel (one grid per case) and label of ``cases``: ``(shape, spacing)`` per case that
+    reads cleanly, the label values found, and how many of those cases are labelled. A label value not
+    in ``labels`` (when given) is a problem."""
+    read, found, labelled = [], set(), 0
+    for case in _progress(cases, "cases"):
+        try:
+            image, affine = nifti.load_channels(case.channels)
+            if case.label is not None:
+                label = nifti.load_label(case.label, image.shape[1:], affine)
+                values = {int(v) for v in np.unique(label)}
+                if not np.array_equal(label, np.round(label)):
+                    raise DataError(case.label, "non-integer label values")
+                if labels is not None and values - labels:
+                    raise DataError(case.label, f"label values {sorted(values - labels)} not among the "
+                                                f"labels {sorted(labels)}")
+                found |= values
+                labelled += 1
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        shape = (*image.shape[1:], image.shape[0]) if image.shape[0] > 1 else image.shape[1:]  # channels last
+        read.append((shape, nifti.volume_record(case.channels[0]).spacing))
+    return read, found, labelled
+
+
+def _inspect_nnunet(root: Path) -> Report:
+    dataset, errors = nnunet.scan_nnunet(root)
+    problems = [_from_error(e) for e in errors]
+    read, found, _ = _volume_cases(dataset.training, problems, set(dataset.labels))
+    test, _, _ = _volume_cases(dataset.test, problems, None)
+    return {
+        "name": dataset.name,
+        "channel_names": {str(k): v for k, v in dataset.channel_names.items()},
+        "label_names": {str(k): v for k, v in dataset.labels.items()},
+        "regions": dataset.regions,
+        "cases": len(read),
+        "test": len(test),
+        "labels": sorted(found),
+        **_volume_shapes([shape for shape, _ in read + test]),
+        "spacing": _spacing_stats([spacing for _, spacing in read + test]),
+        "problems": problems,
+    }
+
+
+def _inspect_case_folders(root: Path, patterns: CasePatterns | None) -> Report:
+    guessed, names = patterns is None, {}
+    if patterns is None:
+        patterns, names = case_folders.guess_patterns(root)
+        if patterns is None:
+            raise DataError(root, "per-case folders, but no file name is shared by half the cases: give "
+                                  "the patterns (--image PATTERN ... --label PATTERN)")
+    cases, errors = case_folders.scan_case_folders(root, patterns)
+    problems = [_from_error(e) for e in errors]
+    read, found, labelled = _volume_cases(cases, problems, None)
+    return {
+        "cases": len(read),
+        "labelled": labelled,
+        "patterns": {"image": list(patterns.image), "label": patterns.label},
+        "patterns_guessed": guessed,
+        **({"names": names} if guessed else {}),
+        "modalities": patterns.modality_names(),
+        "labels": sorted(found),
+        **_volume_shapes([shape for shape, _ in read]),
+        "spacing": _spacing_stats([spacing for _, spacing in read]),
+        "problems": problems,
+    }
+
+
+def _inspect_image_pairs(root: Path, options: LayoutOptions) -> Report:
+    pairs, suffix, errors = image_pairs.scan_image_pairs(root, options.mask_suffix)
+    problems = [_from_error(e) for e in errors]
+    records, values, masks = [], set(), 0
+    for pair in _progress(pairs, "pairs"):
+        try:
+            record = images.image_record(pair.image)
+            images.load_image(pair.image)
+            if pair.mask is not None:
+                mask = image_pairs.load_mask(pair.mask, options.mask_values)
+                if mask.shape != (record.height, record.width):
+                    raise DataError(pair.mask, f"mask is {mask.shape[0]}x{mask.shape[1]}, its image "
+                                               f"{record.height}x{record.width} (height x width)")
+                values |= {int(v) for v in np.unique(mask)}
+                masks += 1
+        except DataError as err:
+            problems.append(_from_error(err))
+            continue
+        records.append(record)
+    size_min, size_max = _shape_range([(r.height, r.width) for r in records], dims=2)
+    return {
+        "images": len(records),
+        "masks": masks,
+        "unlabelled": sum(p.mask is None for p in pairs),
+        "mask_suffix": suffix,
+        "mask_values": sorted(values),
+        "size_min": size_min,
+        "size_max": size_max,
+        "channels": {str(k): n for k, n in sorted(Counter(r.channels for r in records).items())},
+        "bit_depths": {str(k): n for k, n in sorted(Counter(r.bit_depth for r in records).items())},
+        "problems": problems,
+    }
+
+
 def _nifti_records(
     paths: list[Path], problems: list[dict[str, str]], check: Callable[[Path], Path]
 ) -> list[VolumeRecord]:
@@ -404,6 +554,7 @@ def _inspect_coco(path: Path) -> Report:
 _INSPECTORS: dict[str, Callable[[Path], Report]] = {
     "market1501": _inspect_market,
     "msd": _inspect_msd,
+    "nnunet": _inspect_nnunet,
     "nifti": _inspect_nifti,
     "dicom": _inspect_dicom,
     "images": _inspect_images,

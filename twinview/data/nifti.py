@@ -90,17 +90,49 @@ def check_pair(image_path: PathLike, label_path: PathLike) -> tuple[np.ndarray, 
 def load_pair(image_path: PathLike, label_path: PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(image, label, affine)`` as :func:`check_pair` checks them; the affine is the image's."""
     image, image_affine = load_nifti(image_path)
+    return image, load_label(label_path, image.shape[:3], image_affine), image_affine
+
+
+def load_label(label_path: PathLike, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """A label volume that must have the image's spatial ``shape`` and ``affine``; DataError naming it
+    when it does not."""
     label, label_affine = load_nifti(label_path)
-    if label.shape != image.shape[:3]:
-        raise DataError(label_path, f"label shape {label.shape} differs from image shape {image.shape[:3]}")
-    difference = float(np.max(np.abs(label_affine - image_affine)))
+    if label.shape != tuple(shape):
+        raise DataError(label_path, f"label shape {label.shape} differs from image shape {tuple(shape)}")
+    difference = float(np.max(np.abs(label_affine - affine)))
     if difference > AFFINE_TOLERANCE:
         raise DataError(
             label_path,
             f"label affine differs from image affine by up to {difference:.4g} "
             f"(tolerance {AFFINE_TOLERANCE:g})",
         )
-    return image, label, image_affine
+    return label
+
+
+def load_channels(paths: tuple[Path, ...] | list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (C, X, Y, Z), affine)`` of a case stored as one file per channel (a single 3D or 4D file,
+    channels last, works too). Every file must have the first one's shape and affine: DataError naming
+    the file that differs."""
+    arrays, first_affine, first_shape = [], None, None
+    first = Path(paths[0]).name if paths else ""
+    for path in paths:
+        data, affine = load_nifti(path)
+        if data.ndim not in (3, 4):
+            raise DataError(path, f"{data.ndim}D array {data.shape}: expected a 3D volume")
+        if first_shape is None:
+            first_shape, first_affine = data.shape[:3], affine
+        elif data.shape[:3] != first_shape:
+            raise DataError(path, f"shape {data.shape[:3]} differs from {first}'s {first_shape} "
+                                  "(channels of a case must share one grid)")
+        else:
+            difference = float(np.max(np.abs(affine - first_affine)))
+            if difference > AFFINE_TOLERANCE:
+                raise DataError(path, f"affine differs from {first}'s by up to {difference:.4g} (tolerance "
+                                      f"{AFFINE_TOLERANCE:g}; channels of a case must share one grid)")
+        arrays += [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
+    if first_affine is None:
+        raise ValueError("load_channels needs at least one file")
+    return np.stack(arrays), first_affine
 
 
 def volume_record(image: PathLike, label: PathLike | None = None) -> VolumeRecord:
