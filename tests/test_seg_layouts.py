@@ -7,6 +7,7 @@ Readers, conversion and ``inspect`` on small files written here; every bad input
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -410,3 +411,44 @@ def test_multi_modal_volumes_pretrain_on_every_channel_and_fine_tune(tmp_path: P
                f"model.encoder_weights={tmp_path / 'simclr'}")
     meta = torch.load(run.run_dir / "model.pt", weights_only=True)["model_config"]
     assert meta["in_channels"] == 2 and meta["pretraining_method"] == "simclr"
+
+
+def test_peak_memory_stays_near_the_budget_on_a_set_larger_than_it(tmp_path: Path) -> None:
+    """Two fresh processes train on 16 volumes (about 110 MB as float32 image + label in memory): from
+    memory their peak RSS grows by the whole set, from the disk cache with a 10 MB budget it does not."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "big"
+    training = []
+    for i in range(16):
+        image = rng.normal(100, 20, (112, 112, 72)).astype(np.float32)
+        save(image, root / "imagesTr" / f"v{i:02d}.nii.gz", np.eye(4))
+        save((image > 120).astype(np.uint8), root / "labelsTr" / f"v{i:02d}.nii.gz", np.eye(4))
+        training.append({"image": f"./imagesTr/v{i:02d}.nii.gz", "label": f"./labelsTr/v{i:02d}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": "big", "modality": {"0": "MRI"},
+                                                   "training": training,
+                                                   "labels": {"0": "background", "1": "bright"}}))
+    code = (
+        "import json, resource, sys\n"
+        "from downstream.seg.config import SegConfig\n"
+        "from downstream.seg.train import run_segmentation\n"
+        "from twinview.config import load_config\n"
+        "cfg = load_config(SegConfig, sys.argv[1], sys.argv[2:])\n"
+        "run_segmentation(cfg)\n"
+        "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))\n")
+    peaks = {}
+    disk = [f"data.cache_dir={tmp_path / 'cache'}", "data.cache_ram_gb=0.01"]
+    for mode, extra in (("ram", []), ("disk", disk)):
+        args = [str(REPO / "configs/seg/hippocampus3d.yaml"), f"out_dir={tmp_path / mode}",
+                f"data.path={root}",
+                "data.roi=[32,32,32]", "data.test_cases=0", "data.val_cases=0", "data.orientation=",
+                "train.steps=2", "train.batch_size=2", "train.val_every_steps=0", "train.progress=false",
+                "optim.warmup_steps=1", f"data.cache={mode}", *extra]
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[mode] = float(done.stdout.strip().splitlines()[-1])
+    data_mb = 16 * 112 * 112 * 72 * 8 / 2**20
+    assert peaks["ram"] - peaks["disk"] > 0.6 * data_mb, (peaks, data_mb)
