@@ -27,9 +27,14 @@ class DataConfig:
     channels: PositiveInt = 3
     workers: NonNegativeInt = 0
     slice_axis: Axis = 2  # for msd_slices: the axis slices are taken along
-    # msd_slices and msd_3d read MSD tasks and nnU-Net raw sets: every modality when channels is their
-    # number, else the first one
+    # msd_slices and msd_3d read MSD tasks, nnU-Net raw sets and per-case folders (with the image
+    # patterns): every modality when channels is their number, else the first one
+    image: list[str] = field(default_factory=list)  # per-case folders: a file-name pattern per channel
     exclude_cases: list[str] = field(default_factory=list)  # MSD case / DSB2018 sample ids held out
+    # ram: volumes loaded into memory; disk: written once to cache_dir (default ~/.cache/twinview/pretrain)
+    # and read back per sample (a slice through a memory map), for volume sets larger than memory
+    cache: Literal["ram", "disk"] = "ram"
+    cache_dir: str = ""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ from pretrain.config import DataConfig
 from pretrain.views import TwoViews
 
 Loader = Callable[[], np.ndarray]
-PRETRAIN_KINDS = {"market1501": "market1501", "msd": "msd_slices", "nnunet": "msd_slices", "images": "images",
-                  "image_pairs": "images", "dsb2018": "dsb2018"}
+PRETRAIN_KINDS = {"market1501": "market1501", "msd": "msd_slices", "nnunet": "msd_slices",
+                  "case_folders": "msd_slices", "images": "images", "image_pairs": "images",
+                  "dsb2018": "dsb2018"}
 """The data kind that ``auto`` reads for each layout :func:`twinview.data.inspect.detect_format` finds."""
 
 
@@ -42,36 +44,86 @@ def _image_loader(path: Path) -> Loader:
     return lambda: load_image(path)
 
 
-def _volume_samples(root: Path, slices: bool, axis: int, exclude: Sequence[str] = (), channels: int = 1
-                    ) -> Samples:
-    """The images of an MSD task or nnU-Net raw set (training and test, labels ignored, ``exclude`` case
-    ids left out), as whole volumes (``CxDxHxW``) or as their 2D slices (``HxWxC``). All modalities when
-    ``channels`` is their number, else the first one."""
+def _volume_samples(cfg: DataConfig, slices: bool) -> Samples:
+    """The images of an MSD task, nnU-Net raw set or per-case folders (training and test, labels ignored,
+    ``data.exclude_cases`` left out), as whole volumes (``CxDxHxW``) or as their 2D slices along
+    ``data.slice_axis`` (``HxWxC``); every modality when ``data.channels`` is their number, else the
+    first. With ``data.cache: disk`` each volume is written once to a :mod:`twinview.array_store` entry
+    and samples are read back when drawn."""
+    from twinview import array_store
+    from twinview.data.case_folders import CasePatterns
     from twinview.data.convert import read_volume_set
     from twinview.data.nifti import load_channels
 
-    volumes = read_volume_set(root)
-    every = channels > 1 and channels == len(volumes.channel_names)
-    loaders: list[Loader] = []
-    names: list[str] = []
-    positions: list[float] = []
+    patterns = CasePatterns(tuple(cfg.image)) if cfg.image else None
+    volumes = read_volume_set(Path(cfg.path), patterns)
+    every = cfg.channels > 1 and cfg.channels == len(volumes.channel_names)
+    axis = cfg.slice_axis if slices else None
+    store = (Path(cfg.cache_dir) if cfg.cache_dir else array_store.DEFAULT_ROOT / "pretrain") \
+        if cfg.cache == "disk" else None
+    samples = Samples([], [], spatial_dims=2 if slices else 3, positions=[] if slices else None)
     for rec in [*volumes.training, *volumes.test]:
-        if rec.case_id in exclude:
+        if rec.case_id in cfg.exclude_cases:
             continue
-        volume = load_channels(rec.channels)[0].astype(np.float32)  # (C, X, Y, Z)
-        volume = volume if every else volume[:1]
-        if slices:
-            count = volume.shape[axis + 1]
-            for i in range(count):
-                sl = np.ascontiguousarray(np.moveaxis(np.take(volume, i, axis=axis + 1), 0, -1))
-                if sl.max() > sl.min():  # an all-constant slice has nothing to contrast
-                    loaders.append(lambda s=sl if every else sl[..., 0]: s)
-                    names.append(f"{rec.case_id}[{axis}:{i}]")
-                    positions.append(i / max(count - 1, 1))
-        else:
-            loaders.append(lambda v=volume if every else volume[0]: v)
-            names.append(rec.case_id)
-    return Samples(loaders, names, spatial_dims=2 if slices else 3, positions=positions if slices else None)
+        if store is None:
+            volume = load_channels(rec.channels)[0].astype(np.float32)  # (C, X, Y, Z)
+            _add_volume(samples, rec.case_id, volume if every else volume[:1], axis, every)
+            continue
+        folder = store / array_store.entry_key({"use": "pretrain", "every": every, "axis": axis,
+                                                "files": array_store.file_stats(rec.channels)})
+        if not array_store.is_complete(folder):
+            volume = load_channels(rec.channels)[0].astype(np.float32)
+            volume = volume if every else volume[:1]
+            varying = array_store.varying_slices(volume, axis) if slices else []
+            count = volume.shape[axis + 1] if slices else 1
+            array_store.write_entry(folder, {"image": volume}, axis, {"slices": varying, "count": count})
+        _add_stored(samples, rec.case_id, folder, every)
+    return samples
+
+
+def _add_volume(samples: Samples, case_id: str, volume: np.ndarray, axis: int | None, every: bool) -> None:
+    """A ``(C, X, Y, Z)`` volume held in memory: itself, or its non-constant slices along ``axis``."""
+    if axis is None:
+        samples.loaders.append(lambda v=volume if every else volume[0]: v)
+        samples.names.append(case_id)
+        return
+    count = volume.shape[axis + 1]
+    for i in range(count):
+        sl = np.ascontiguousarray(np.moveaxis(np.take(volume, i, axis=axis + 1), 0, -1))
+        if sl.max() > sl.min():  # an all-constant slice has nothing to contrast
+            samples.loaders.append(lambda s=sl if every else sl[..., 0]: s)
+            samples.names.append(f"{case_id}[{axis}:{i}]")
+            samples.positions.append(i / max(count - 1, 1))
+
+
+def _add_stored(samples: Samples, case_id: str, folder: Path, every: bool) -> None:
+    """Loaders reading a stored volume, or each of its non-constant slices, when a sample is drawn."""
+    from twinview import array_store
+
+    meta = array_store.read_meta(folder)
+    axis = meta["slice_axis"]
+    if axis is None:
+        samples.loaders.append(partial(_stored_volume, folder, every))
+        samples.names.append(case_id)
+        return
+    for i in meta["slices"]:
+        samples.loaders.append(partial(_stored_slice, folder, i, every))
+        samples.names.append(f"{case_id}[{axis}:{i}]")
+        samples.positions.append(i / max(meta["count"] - 1, 1))
+
+
+def _stored_volume(folder: Path, every: bool) -> np.ndarray:
+    from twinview import array_store
+
+    volume = array_store.read_array(folder, "image", None)
+    return volume if every else volume[0]
+
+
+def _stored_slice(folder: Path, index: int, every: bool) -> np.ndarray:
+    from twinview import array_store
+
+    sl = np.moveaxis(array_store.read_slice(folder, "image", index), 0, -1)  # (C, H, W) -> (H, W, C)
+    return np.ascontiguousarray(sl if every else sl[..., 0])
 
 
 def resolve_kind(cfg: DataConfig) -> str:
@@ -91,8 +143,7 @@ def load_samples(cfg: DataConfig) -> Samples:
         train = read_market1501(root).train
         return Samples([_image_loader(r.path) for r in train], [r.path.name for r in train])
     if kind in ("msd_slices", "msd_3d"):
-        return _volume_samples(root, slices=kind == "msd_slices", axis=cfg.slice_axis,
-                               exclude=cfg.exclude_cases, channels=cfg.channels)
+        return _volume_samples(cfg, slices=kind == "msd_slices")
     if kind == "dsb2018":
         from twinview.data.dsb2018 import read_dsb2018
 

@@ -452,3 +452,24 @@ def test_peak_memory_stays_near_the_budget_on_a_set_larger_than_it(tmp_path: Pat
         peaks[mode] = float(done.stdout.strip().splitlines()[-1])
     data_mb = 16 * 112 * 112 * 72 * 8 / 2**20
     assert peaks["ram"] - peaks["disk"] > 0.6 * data_mb, (peaks, data_mb)
+
+
+def test_volume_pretraining_streams_from_the_disk_cache_the_same_samples(synth_msd: Path, tmp_path: Path
+                                                                         ) -> None:
+    """``data.cache: disk`` gives the samples, names and positions of the in-memory path, also for per-case
+    folders read with their patterns; a second read reuses the entries."""
+    from pretrain.config import DataConfig
+    from pretrain.datasets import load_samples
+
+    cases, store = tmp_path / "cases", str(tmp_path / "c")
+    convert(synth_msd, cases, "case_folders")
+    for path, extra in ((synth_msd, {}), (cases, {"image": ["MRI.nii.gz"]})):
+        for kind in ("msd_slices", "msd_3d"):
+            ram = load_samples(DataConfig(path=str(path), kind=kind, **extra))
+            disk = load_samples(DataConfig(path=str(path), kind=kind, cache="disk", cache_dir=store, **extra))
+            assert disk.names == ram.names and disk.positions == ram.positions and len(ram.names) > 0
+            for a, b in list(zip(ram.loaders, disk.loaders, strict=True))[::17]:
+                np.testing.assert_array_equal(a(), b())
+    entries = sorted((tmp_path / "c").iterdir())
+    load_samples(DataConfig(path=str(synth_msd), kind="msd_slices", cache="disk", cache_dir=store))
+    assert sorted((tmp_path / "c").iterdir()) == entries

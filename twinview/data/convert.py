@@ -37,12 +37,19 @@ class VolumeSet:
     test: list[SegCase]
 
 
-def read_volume_set(root: PathLike) -> VolumeSet:
-    """An MSD task or an nnU-Net raw data set (by its dataset.json) as a :class:`VolumeSet`."""
+def read_volume_set(root: PathLike, patterns: case_folders.CasePatterns | None = None) -> VolumeSet:
+    """An MSD task, an nnU-Net raw data set (by their dataset.json) or per-case folders (read with
+    ``patterns``; labelled cases as training, the others as test; no label names) as a
+    :class:`VolumeSet`."""
     root = Path(root)
     if nnunet.is_nnunet(root):
         ds = nnunet.read_nnunet(root)
         return VolumeSet(ds.name, ds.channel_names, ds.labels, ds.training, ds.test)
+    if patterns is not None and not (root / msd.DATASET_JSON).exists():
+        cases = case_folders.read_case_folders(root, patterns)
+        names = dict(enumerate(patterns.modality_names()))
+        return VolumeSet(root.name, names, {}, [c for c in cases if c.label is not None],
+                         [c for c in cases if c.label is None])
     task = msd.read_msd(root)
     channels = {int(k): v for k, v in task.modality.items()} or {0: "image"}
     return VolumeSet(task.name, channels, task.labels,
