@@ -1,8 +1,11 @@
-"""Shared fixtures: the real data folder (skips when absent) and small synthetic data sets."""
+"""Shared fixtures: the real data folder (skips when absent), small synthetic data sets, and a run killed
+right after a checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,31 @@ def synth_msd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synth_nuclei(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _synth("nuclei", tmp_path_factory)
+
+
+@pytest.fixture
+def killed_after_checkpoint(monkeypatch: pytest.MonkeyPatch
+                            ) -> Callable[[int], contextlib.AbstractContextManager]:
+    """``with killed_after_checkpoint(step): run(...)``: the training loop raises KeyboardInterrupt right
+    after writing the checkpoint of ``step`` (as a kill would leave the run), which the block expects;
+    checkpoints are saved normally again after it."""
+    import engine.loop as loop
+
+    real_save = loop.save_rotating
+
+    @contextlib.contextmanager
+    def killed(step: int) -> Iterator[None]:
+        def save_then_die(state: dict, run_dir: Path, at: int, keep_last: int) -> Path:
+            path = real_save(state, run_dir, at, keep_last)
+            if at == step:
+                raise KeyboardInterrupt
+            return path
+
+        monkeypatch.setattr(loop, "save_rotating", save_then_die)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(loop, "save_rotating", real_save)
+
+    return killed

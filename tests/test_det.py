@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -164,9 +164,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def test_train_resume_eval_predict(tmp_path: Path, synth_nuclei: Path, monkeypatch: pytest.MonkeyPatch,
+def test_train_resume_eval_predict(tmp_path: Path, synth_nuclei: Path, killed_after_checkpoint: Callable,
                                    capsys: pytest.CaptureFixture, one_thread: None) -> None:
-    import engine.loop as loop
     from downstream.det.train import run_detection
     from twinview.model_card import check_weights, read_card
     from twinview_cli.main import main
@@ -188,18 +187,8 @@ def test_train_resume_eval_predict(tmp_path: Path, synth_nuclei: Path, monkeypat
     assert len(split["test"]) == 2 and len(split["val"]) == 1 and len(split["train"]) == 3
 
     # killed right after the mid-epoch checkpoint, then resumed: the same weights as uninterrupted
-    real_save = loop.save_rotating
-
-    def save_then_die(state: dict, run_dir: Path, step: int, keep_last: int) -> Path:
-        path = real_save(state, run_dir, step, keep_last)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_rotating", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(2):
         run_detection(_tiny(synth_nuclei, tmp_path / "cut", "train.val_every_steps=2"))
-    monkeypatch.setattr(loop, "save_rotating", real_save)
     resumed = run_detection(_tiny(synth_nuclei, tmp_path / "cut", "train.val_every_steps=2"),
                             resume=tmp_path / "cut")
     a = torch.load(full.model_path, weights_only=True)["model"]

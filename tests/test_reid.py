@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -128,22 +129,11 @@ def test_label_free_path_and_pretrained_start(tmp_path: Path, synth_market: Path
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, synth_market: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.loop as loop
+                                                         killed_after_checkpoint: Callable) -> None:
 
     full = run_reid(_cfg(synth_market, tmp_path / "full"))
-    real_save = loop.save_rotating
-
-    def save_then_die(state: dict, run_dir: Path, step: int, keep_last: int) -> Path:
-        path = real_save(state, run_dir, step, keep_last)
-        if step == 10:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_rotating", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(10):
         run_reid(_cfg(synth_market, tmp_path / "cut"))
-    monkeypatch.setattr(loop, "save_rotating", real_save)
     resumed = run_reid(_cfg(synth_market, tmp_path / "cut"), resume=tmp_path / "cut")
     a = torch.load(full.model_path, weights_only=True)["model"]
     b = torch.load(resumed.model_path, weights_only=True)["model"]

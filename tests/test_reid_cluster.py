@@ -4,6 +4,7 @@ with resume on synthetic crops."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +146,7 @@ def _cfg(data: Path, out: Path, *extra: str) -> ReIDConfig:
 
 
 def test_label_free_training_logs_clusters_and_resumes_exactly(tmp_path: Path, synth_market: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.loop as loop
+                                                               killed_after_checkpoint: Callable) -> None:
 
     full = run_reid(_cfg(synth_market, tmp_path / "full"))
     rows = read_clustering(full.run_dir / "clusters.csv")
@@ -159,18 +159,8 @@ def test_label_free_training_logs_clusters_and_resumes_exactly(tmp_path: Path, s
     assert payload["model_config"]["num_classes"] == 0 and "classifier.weight" not in payload["model"]
     assert 0 <= full.metrics["rank1"] <= 1
 
-    real_save = loop.save_rotating
-
-    def save_then_die(state: dict, run_dir: Path, step: int, keep_last: int) -> Path:
-        path = real_save(state, run_dir, step, keep_last)
-        if step == 8:  # mid-way through the second epoch, after its clustering
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_rotating", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(8):  # mid-way through the second epoch, after its clustering
         run_reid(_cfg(synth_market, tmp_path / "cut"))
-    monkeypatch.setattr(loop, "save_rotating", real_save)
     resumed = run_reid(_cfg(synth_market, tmp_path / "cut"), resume=tmp_path / "cut")
     a = torch.load(full.model_path, weights_only=True)["model"]
     b = torch.load(resumed.model_path, weights_only=True)["model"]

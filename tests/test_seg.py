@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -377,26 +378,15 @@ def test_prediction_follows_the_input_orientation(tmp_path: Path, synth_msd: Pat
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, synth_msd: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.loop as loop
+                                                         killed_after_checkpoint: Callable) -> None:
     from downstream.seg.train import run_segmentation
 
     extra = ("model.arch=unet", "model.unet_channels=[8,16,32]", "train.val_every_steps=0",
              "data.test_cases=0", "data.roi=[32,32]", "train.steps=6")
     full = run_segmentation(_tiny(synth_msd, tmp_path / "full", *extra))
-    real_save = loop.save_rotating
-
-    def save_then_die(state: dict, run_dir: Path, step: int, keep_last: int) -> Path:
-        path = real_save(state, run_dir, step, keep_last)
-        if step == 3:
-            raise KeyboardInterrupt  # killed right after the step-3 checkpoint
-        return path
-
-    monkeypatch.setattr(loop, "save_rotating", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(3):  # killed right after the step-3 checkpoint
         run_segmentation(_tiny(synth_msd, tmp_path / "cut", *extra))
     assert not (tmp_path / "cut" / "model.pt").exists()
-    monkeypatch.setattr(loop, "save_rotating", real_save)
     with pytest.raises(RunFolderError, match="--resume"):
         run_segmentation(_tiny(synth_msd, tmp_path / "cut", *extra))
     resumed = run_segmentation(_tiny(synth_msd, tmp_path / "cut", *extra), resume=tmp_path / "cut")
