@@ -50,6 +50,8 @@ from engine.sampling import ResumableSampler
 from twinview.config import ConfigError, to_dict
 from twinview.model_card import write_card_for
 
+LAYOUTS_WITHOUT_JSON = ("case_folders", "image_pairs")  # their patterns and classes go into model.pt
+
 
 @dataclass
 class SegResult:
@@ -93,9 +95,6 @@ def model_metadata(cfg: SegConfig, task: SegTask) -> dict[str, Any]:
             "preprocessing": preprocess_metadata(cfg.data, task), "roi": list(cfg.data.roi),
             "encoder_weights": cfg.model.encoder_weights, "decoder_weights": cfg.model.decoder_weights,
             **({"layout": _layout_metadata(cfg.data)} if task.kind in LAYOUTS_WITHOUT_JSON else {})}
-
-
-LAYOUTS_WITHOUT_JSON = ("case_folders", "image_pairs")
 
 
 def _layout_metadata(d: SegDataConfig) -> dict[str, Any]:

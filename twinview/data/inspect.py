@@ -65,7 +65,7 @@ from twinview.data import (
 )
 from twinview.data.case_folders import CasePatterns
 from twinview.data.nnunet import SegCase
-from twinview.data.records import VolumeRecord
+from twinview.data.records import ImageRecord, VolumeRecord
 from twinview.errors import DataError, display_path, missing_path
 
 T = TypeVar("T")
@@ -399,19 +399,9 @@ def _inspect_image_pairs(root: Path, options: LayoutOptions) -> Report:
             problems.append(_from_error(err))
             continue
         records.append(record)
-    size_min, size_max = _shape_range([(r.height, r.width) for r in records], dims=2)
-    return {
-        "images": len(records),
-        "masks": masks,
-        "unlabelled": sum(p.mask is None for p in pairs),
-        "mask_suffix": suffix,
-        "mask_values": sorted(values),
-        "size_min": size_min,
-        "size_max": size_max,
-        "channels": {str(k): n for k, n in sorted(Counter(r.channels for r in records).items())},
-        "bit_depths": {str(k): n for k, n in sorted(Counter(r.bit_depth for r in records).items())},
-        "problems": problems,
-    }
+    summary = _image_summary(records)
+    return {"images": summary.pop("images"), "masks": masks, "unlabelled": sum(p.mask is None for p in pairs),
+            "mask_suffix": suffix, "mask_values": sorted(values), **summary, "problems": problems}
 
 
 def _nifti_records(
@@ -490,6 +480,11 @@ def _inspect_images(root: Path) -> Report:
             problems.append(_from_error(err))
             continue
         records.append(record)
+    return {**_image_summary(records), "problems": problems}
+
+
+def _image_summary(records: Sequence[ImageRecord]) -> Report:
+    """``images``, ``size_min``, ``size_max``, ``channels`` and ``bit_depths`` of the images read."""
     size_min, size_max = _shape_range([(r.height, r.width) for r in records], dims=2)
     return {
         "images": len(records),
@@ -497,7 +492,6 @@ def _inspect_images(root: Path) -> Report:
         "size_max": size_max,
         "channels": {str(k): n for k, n in sorted(Counter(r.channels for r in records).items())},
         "bit_depths": {str(k): n for k, n in sorted(Counter(r.bit_depth for r in records).items())},
-        "problems": problems,
     }
 
 

@@ -64,7 +64,7 @@ def read_dataset_json(root: PathLike) -> MSDIndex:
     """Parse ``root/dataset.json``; missing, invalid or malformed JSON is a DataError naming it."""
     root = Path(root)
     json_path = root / DATASET_JSON
-    data = _load_json(json_path)
+    data = load_dataset_json(json_path, "an MSD task folder")
     labels = data.get("labels", {})
     modality = data.get("modality", {})
     if not isinstance(labels, dict) or not isinstance(modality, dict):
@@ -81,12 +81,14 @@ def read_dataset_json(root: PathLike) -> MSDIndex:
     )
 
 
-def _load_json(json_path: Path) -> dict[str, Any]:
+def load_dataset_json(json_path: Path, layout: str) -> dict[str, Any]:
+    """The object in a ``dataset.json``; DataError naming it when missing (not ``layout``), unreadable,
+    invalid JSON or not an object."""
     try:
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise DataError(json_path, "missing dataset.json: not an MSD task folder") from None
+        raise DataError(json_path, f"missing dataset.json: not {layout}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(json_path, f"invalid JSON: {display_path(str(exc))}") from exc
     if not isinstance(data, dict):

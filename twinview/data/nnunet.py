@@ -28,8 +28,9 @@ from typing import Any
 
 import nibabel as nib
 
+from twinview.data.msd import load_dataset_json
 from twinview.data.nifti import NIFTI_SUFFIXES, is_nifti, load_nifti
-from twinview.errors import DataError, display_path
+from twinview.errors import DataError
 
 PathLike = str | os.PathLike[str]
 DATASET_JSON = "dataset.json"
@@ -84,7 +85,7 @@ def scan_nnunet(root: PathLike) -> tuple[NNUNetDataset, list[DataError]]:
     malformed dataset.json raises at once: nothing can be read without it."""
     root = Path(root)
     json_path = root / DATASET_JSON
-    data = _load_json(json_path)
+    data = load_dataset_json(json_path, "an nnU-Net raw data set")
     channel_names = _channel_names(json_path, data)
     labels, regions = _labels(json_path, data)
     ending = data.get("file_ending", ".nii.gz")
@@ -112,18 +113,6 @@ def scan_nnunet(root: PathLike) -> tuple[NNUNetDataset, list[DataError]]:
         test = _cases(root / IMAGES_TS, ending, len(channel_names), problems)[0]
     name = str(data.get("name") or root.name)
     return NNUNetDataset(root, name, channel_names, labels, regions, ending, labelled, test), problems
-
-
-def _load_json(json_path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(json_path, "missing dataset.json: not an nnU-Net raw data set") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(json_path, f"invalid JSON: {display_path(str(exc))}") from exc
-    if not isinstance(data, dict):
-        raise DataError(json_path, "invalid dataset.json: top level must be an object")
-    return data
 
 
 def _channel_names(json_path: Path, data: dict[str, Any]) -> dict[int, str]:
