@@ -147,7 +147,7 @@ def test_market_clusters_are_purer_than_chance(shared_data: Path) -> None:
 
 def test_nuclei_as_image_mask_pairs_run_the_whole_workflow(tmp_path: Path, shared_data: Path) -> None:
     """DSB2018 written as images/ + masks/ (0/255 PNGs): inspect, pretrain without labels, fine-tune
-    with 5 labelled images, predict and evaluate."""
+    with 5 labelled images (the same Dice as from the DSB2018 folder), predict and evaluate."""
     from downstream.recipes import pretrain
     from downstream.seg.config import SegConfig
     from downstream.seg.predict import evaluate_run, predict
@@ -172,6 +172,11 @@ def test_nuclei_as_image_mask_pairs_run_the_whole_workflow(tmp_path: Path, share
         f"model.encoder_weights={tmp_path / 'simclr'}"])
     result = run_segmentation(cfg)
     assert result.summary["cases"] == 10 and result.summary["dice_nucleus"] > 0.5, result.summary
+    original = run_segmentation(load_config(SegConfig, REPO / "configs/seg/dsb2018.yaml", [
+        f"out_dir={tmp_path / 'seg_dsb'}", f"data.path={data}", "data.label_cases=5", "train.steps=80",
+        "train.batch_size=8", "train.val_every_steps=40", "train.progress=false",
+        f"model.encoder_weights={tmp_path / 'simclr'}"]))
+    assert original.summary == pytest.approx(result.summary, abs=1e-6)  # the same images and masks
     rows = predict(pairs, result.run_dir, tmp_path / "pred", overlays=False)
     assert len(rows) == 50 and all(Path(r["mask"]).suffix == ".png" for r in rows)
     again, _ = evaluate_run(result.run_dir, tmp_path / "eval")
