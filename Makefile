@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/seg_label_efficiency.py
 	$(PY) benchmarks/reid_market_mini.py
 	$(PY) benchmarks/reid_label_free.py
+	$(PY) benchmarks/reid_domain_adaptation.py
 	$(PY) benchmarks/reid_eval_speed.py
 	$(PY) benchmarks/reid_query_latency.py
 
