@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/pretrain_throughput.py
 	$(PY) benchmarks/pretrain_quality.py
 	$(PY) benchmarks/seg_label_efficiency.py
+	$(PY) benchmarks/seg_memory_budget.py
 	$(PY) benchmarks/reid_market_mini.py
 	$(PY) benchmarks/reid_label_free.py
 	$(PY) benchmarks/reid_domain_adaptation.py
