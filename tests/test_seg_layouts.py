@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -482,3 +483,38 @@ def test_volume_pretraining_streams_from_the_disk_cache_the_same_samples(synth_m
     entries = sorted((tmp_path / "c").iterdir())
     load_samples(DataConfig(path=str(synth_msd), kind="msd_slices", cache="disk", cache_dir=store))
     assert sorted((tmp_path / "c").iterdir()) == entries
+
+
+def test_the_layout_configs_read_converted_synthetic_data(synth_msd: Path, synth_nuclei: Path,
+                                                          tmp_path: Path) -> None:
+    from downstream.seg.config import SegConfig
+    from downstream.seg.data import read_task
+    from twinview.config import load_config
+
+    convert(synth_msd, tmp_path / "nnunet", "nnunet")
+    convert(synth_msd, tmp_path / "cases", "case_folders")
+    convert(synth_nuclei, tmp_path / "pairs", "image_pairs")
+    for name, data, extra in (
+            ("nnunet", tmp_path / "nnunet", []),
+            ("case_folders", tmp_path / "cases",
+             ["data.image=[MRI.nii.gz]", "data.label=seg.nii.gz", "data.labels={0: bg, 1: a, 2: p}"]),
+            ("image_pairs", tmp_path / "pairs", [])):
+        cfg = load_config(SegConfig, REPO / f"configs/seg/{name}.yaml", [f"data.path={data}", *extra])
+        task = read_task(cfg.data)
+        assert task.kind == name and len(task.cases) > 0 and task.in_channels in (1, 3)
+
+
+def test_a_run_from_the_disk_cache_resumes_exactly(synth_msd: Path, tmp_path: Path,
+                                                   killed_after_checkpoint: Callable) -> None:
+    from downstream.seg.config import SegConfig
+    from downstream.seg.train import run_segmentation
+    from twinview.config import load_config
+
+    disk = ("data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}", "data.cache_ram_gb=0",
+            "train.ckpt_every_steps=2", "data.test_cases=0")
+    full = _seg(synth_msd, tmp_path / "full", *disk)
+    with killed_after_checkpoint(2):
+        _seg(synth_msd, tmp_path / "cut", *disk)
+    cfg = load_config(SegConfig, tmp_path / "cut" / "config.yaml")
+    resumed = run_segmentation(cfg, resume=tmp_path / "cut")
+    assert same_weights(full.run_dir, resumed.run_dir)
