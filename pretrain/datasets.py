@@ -87,13 +87,14 @@ def _add_volume(samples: Samples, case_id: str, volume: np.ndarray, axis: int | 
         samples.loaders.append(lambda v=volume if every else volume[0]: v)
         samples.names.append(case_id)
         return
+    from twinview.array_store import varying_slices
+
     count = volume.shape[axis + 1]
-    for i in range(count):
+    for i in varying_slices(volume, axis):  # an all-constant slice has nothing to contrast
         sl = np.ascontiguousarray(np.moveaxis(np.take(volume, i, axis=axis + 1), 0, -1))
-        if sl.max() > sl.min():  # an all-constant slice has nothing to contrast
-            samples.loaders.append(lambda s=sl if every else sl[..., 0]: s)
-            samples.names.append(f"{case_id}[{axis}:{i}]")
-            samples.positions.append(i / max(count - 1, 1))
+        samples.loaders.append(lambda s=sl if every else sl[..., 0]: s)
+        samples.names.append(f"{case_id}[{axis}:{i}]")
+        samples.positions.append(i / max(count - 1, 1))
 
 
 def _add_stored(samples: Samples, case_id: str, folder: Path, every: bool) -> None:

@@ -51,6 +51,11 @@ def two_channel_nnunet(root: Path, cases: int = 3, **extra: object) -> Path:
     return root
 
 
+def problems_by_file(report: dict) -> dict[str, str]:
+    """An inspect report's problems as file name -> reason."""
+    return {Path(p["file"]).name: p["reason"] for p in report["problems"]}
+
+
 # --------------------------------------------------------------------------- nnU-Net raw
 
 
@@ -99,7 +104,7 @@ def test_nnunet_problems_name_the_file_and_inspect_lists_them_all(tmp_path: Path
     with pytest.raises(DataError, match=r"pros_001_0000.nii.gz: case 'pros_001': channel 0001 is missing"):
         nnunet.read_nnunet(root)
     report = inspect_path(root)
-    reasons = {Path(p["file"]).name: p["reason"] for p in report["problems"]}
+    reasons = problems_by_file(report)
     assert "channel 0001 is missing (has 0000, 0002; dataset.json lists 2)" in reasons["pros_001_0000.nii.gz"]
     assert "has no label" in reasons["pros_002_0000.nii.gz"]
     assert "a label without images" in reasons["ghost.nii.gz"]
@@ -233,8 +238,7 @@ def test_a_mask_without_its_image_and_a_colour_mask_are_named(tmp_path: Path) ->
     assert image_pairs.load_mask(tmp_path / "indexed.png").tolist() == [[0, 1], [2, 1]]
     with pytest.raises(DataError, match=r"Image_09L.png: no image for this mask: expected images/Image_09L"):
         image_pairs.read_image_pairs(root)
-    report = inspect_path(root)
-    reasons = {Path(p["file"]).name: p["reason"] for p in report["problems"]}
+    reasons = problems_by_file(inspect_path(root))
     assert "no image for this mask" in reasons["Image_09L.png"]
     assert "a colour mask" in reasons["Image_01L.png"]
 

@@ -337,13 +337,14 @@ def spacing_of(tensor: MetaTensor) -> tuple[float, ...]:
 
 def to_slices(volumes: Sequence[dict[str, Any]], axis: int) -> list[dict[str, torch.Tensor]]:
     """The 2D slices along ``axis`` (0-2, spatial) of preprocessed volumes; constant images dropped."""
+    from twinview.array_store import varying_slices
+
     items = []
     for vol in volumes:
         image, label = vol["image"].as_tensor(), vol["label"].as_tensor()
-        for i in range(image.shape[axis + 1]):
-            sl = image.select(axis + 1, i)
-            if float(sl.max()) > float(sl.min()):
-                items.append({"image": sl.contiguous(), "label": label.select(axis + 1, i).contiguous()})
+        for i in varying_slices(image.numpy(), axis):
+            items.append({"image": image.select(axis + 1, i).contiguous(),
+                          "label": label.select(axis + 1, i).contiguous()})
     return items
 
 

@@ -48,9 +48,9 @@ from engine.device import select_device
 from twinview.errors import DataError, display_path
 
 
-def _task_of(meta: dict[str, Any]) -> SegTask:
+def _task_of(meta: dict[str, Any], data: SegDataConfig) -> SegTask:
     return SegTask(meta["task"], meta["kind"], labels_of(meta), meta["modality"], meta["in_channels"], [],
-                   data_config_from(meta).mask_values or None)
+                   data.mask_values or None)
 
 
 PREDICTIONS_FILE, VOLUMES_FILE, OVERLAYS = "predictions.json", "volumes.csv", "overlays"
@@ -190,13 +190,14 @@ def predict(inputs: Path, run: Path, out: Path, overlays: bool = True,
                  overwrite=overwrite)
     dev = select_device(device)
     model, meta = load_model(run, dev)
-    task = _task_of(meta)
-    cases = input_cases(inputs, task.kind, data_config_from(meta))
+    data = data_config_from(meta)
+    task = _task_of(meta, data)
+    cases = input_cases(inputs, task.kind, data)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        results = _predict_into(tmp, out, cases, model, meta, task, overlays)
+        results = _predict_into(tmp, out, cases, model, meta, data, task, overlays)
         rows = [_shown(r) for r in results]
         with (tmp / VOLUMES_FILE).open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -232,12 +233,11 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def _predict_into(folder: Path, out: Path, cases: list[Case], model: torch.nn.Module, meta: dict[str, Any],
-                  task: SegTask, overlays: bool) -> list[dict[str, Any]]:
+                  data: SegDataConfig, task: SegTask, overlays: bool) -> list[dict[str, Any]]:
     """Masks and overlays into ``folder``; the rows name the masks as they will be under ``out``."""
     import nibabel as nib
     from PIL import Image
 
-    data = data_config_from(meta)
     train = SegTrainConfig()
     spatial = spatial_transform(data, task, keys=["image"])
     results = []

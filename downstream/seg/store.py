@@ -76,11 +76,10 @@ class CaseStore:
             return self._ram[case_id]
         folder, axis = self.folders[case_id], self.meta(case_id)["slice_axis"]
         item = {k: torch.from_numpy(array_store.read_array(folder, k, axis)).float() for k in KEYS}
-        size = sum(t.numel() * t.element_size() for t in item.values())
+        size = _nbytes(item)
         if size <= self.ram_bytes:
             while self._ram and self._ram_used + size > self.ram_bytes:
-                _, dropped = self._ram.popitem(last=False)
-                self._ram_used -= sum(t.numel() * t.element_size() for t in dropped.values())
+                self._ram_used -= _nbytes(self._ram.popitem(last=False)[1])
             self._ram[case_id] = item
             self._ram_used += size
         return item
@@ -89,6 +88,10 @@ class CaseStore:
         """The 2D slice ``index`` along the stored slice axis, read through a memory map."""
         folder = self.folders[case_id]
         return {k: torch.from_numpy(array_store.read_slice(folder, k, index)).float() for k in KEYS}
+
+
+def _nbytes(item: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in item.values())
 
 
 class StoredItems(Sequence):

@@ -115,19 +115,20 @@ def _write_nnunet(data: VolumeSet, out: Path) -> None:
 
 def _write_msd(data: VolumeSet, out: Path) -> None:
     n = len(data.channel_names)
-    training, test = [], []
-    for case in data.training:
+
+    def image(case: SegCase, folder: str) -> str:
+        """The case's channels as one volume (4D, channels last, when several), as dataset.json lists it."""
         arrays, affine = channel_arrays(case, n)
-        image = _save(np.stack(arrays, axis=-1) if n > 1 else arrays[0], affine,
-                      out / "imagesTr" / f"{case.case_id}.nii.gz")
-        label = nnunet.copy_label(case.label, out / "labelsTr" / f"{case.case_id}.nii.gz")
-        training.append({"image": f"./{image.relative_to(out).as_posix()}",
-                         "label": f"./{label.relative_to(out).as_posix()}"})
-    for case in data.test:
-        arrays, affine = channel_arrays(case, n)
-        image = _save(np.stack(arrays, axis=-1) if n > 1 else arrays[0], affine,
-                      out / "imagesTs" / f"{case.case_id}.nii.gz")
-        test.append(f"./{image.relative_to(out).as_posix()}")
+        path = _save(np.stack(arrays, axis=-1) if n > 1 else arrays[0], affine,
+                     out / folder / f"{case.case_id}.nii.gz")
+        return f"./{path.relative_to(out).as_posix()}"
+
+    def label(case: SegCase) -> str:
+        nnunet.copy_label(case.label, out / "labelsTr" / f"{case.case_id}.nii.gz")
+        return f"./labelsTr/{case.case_id}.nii.gz"
+
+    training = [{"image": image(case, "imagesTr"), "label": label(case)} for case in data.training]
+    test = [image(case, "imagesTs") for case in data.test]
     body = {"name": data.name, "modality": {str(k): v for k, v in data.channel_names.items()},
             "labels": {str(k): v for k, v in data.labels.items()}, "numTraining": len(training),
             "numTest": len(test), "training": training, "test": test}

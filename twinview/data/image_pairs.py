@@ -15,6 +15,7 @@ classes. A value that the mapping lacks is an error naming the mask.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,9 +146,12 @@ def _find_suffix(images: dict[str, Path], masks: dict[str, Path], masks_root: Pa
         starts = [s for s in images if stem.startswith(s)]
         if starts:
             suffixes[stem] = stem[len(max(starts, key=len)):]
-    kinds = sorted(set(suffixes.values()), key=lambda s: (-list(suffixes.values()).count(s), s))
-    if len(kinds) > 1:
-        odd = next(m for m, s in suffixes.items() if s != kinds[0])
+    if not suffixes:
+        return ""
+    counts = Counter(suffixes.values())
+    common = min(counts, key=lambda s: (-counts[s], s))
+    odd = next((m for m, s in suffixes.items() if s != common), None)
+    if odd is not None:
         problems.append(DataError(masks[odd], f"mask suffix {suffixes[odd]!r} differs from the "
-                                              f"{kinds[0]!r} of most masks in {display_path(masks_root)}"))
-    return kinds[0] if kinds else ""
+                                              f"{common!r} of most masks in {display_path(masks_root)}"))
+    return common
